@@ -10,7 +10,12 @@
 //! Lock order: transport mutex, then device mutex. The event loop only ever
 //! takes the device mutex, so the two cannot deadlock.
 
+pub mod block;
 pub mod mmio;
+pub mod rng;
+pub mod util;
+#[cfg(test)]
+pub mod test_utils;
 
 use crate::interrupt::IrqTrigger;
 use crate::GuestMemoryMmap;

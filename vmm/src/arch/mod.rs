@@ -1,0 +1,6 @@
+//! x86_64 specifics.
+
+pub mod cpuid;
+pub mod layout;
+pub mod mptable;
+pub mod regs;
