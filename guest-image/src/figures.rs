@@ -163,13 +163,12 @@ pub fn measure(kernel: &KernelArtifacts, initramfs: &Path, runs: usize) -> Figur
     });
     let cloud_boot = match &cloud_kernel {
         Ok(cloud_kernel) => {
-            // A bzImage needs QEMU's linuxboot option ROM; same command line.
+            // Same machine and command line as ours.
             let mut boot = QemuBoot::new(
                 cloud_kernel.vmlinuz.clone(),
                 initramfs.to_path_buf(),
                 qemu_cmdline(),
             );
-            boot.option_roms = true;
             boot.timeout = BOOT_TIMEOUT;
             Some(boot)
         }
@@ -260,7 +259,7 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 
 impl fmt::Display for Figures {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "{:<46} {}", "artifact", "size")?;
+        writeln!(f, "{:<46} size", "artifact")?;
         writeln!(f, "{:<46} {}", "vmlinux", mib(self.vmlinux_bytes))?;
         writeln!(f, "{:<46} {}", "bzImage", mib(self.bz_image_bytes))?;
         writeln!(f, "{:<46} {}", "initramfs (release)", mib(self.initramfs_bytes))?;

@@ -293,7 +293,10 @@ fn write_atomically(dir: &Path, path: &Path, data: &[u8]) -> Result<(), Initramf
         source,
     };
     std::fs::create_dir_all(dir).map_err(write_error)?;
-    let tmp = dir.join(format!(".tmp-{}", std::process::id()));
+    // Unique per call: two threads may write the same archive at once.
+    static NEXT_TMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let serial = NEXT_TMP.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".tmp-{}-{serial}", std::process::id()));
     std::fs::write(&tmp, data).map_err(write_error)?;
     std::fs::rename(&tmp, path).map_err(write_error)
 }
@@ -342,8 +345,16 @@ mod tests {
     use super::*;
     use std::io::Read;
 
-    /// Reads a newc archive back: (name, mode, mtime, rdev, data) per entry.
-    fn read_back(archive: &[u8]) -> Vec<(String, u32, u32, (u32, u32), Vec<u8>)> {
+    struct Member {
+        name: String,
+        mode: u32,
+        mtime: u32,
+        rdev: (u32, u32),
+        data: Vec<u8>,
+    }
+
+    /// Reads a newc archive back with the crate's reader.
+    fn read_back(archive: &[u8]) -> Vec<Member> {
         let mut members = Vec::new();
         let mut rest = archive;
         loop {
@@ -352,15 +363,15 @@ mod tests {
                 break;
             }
             let entry = reader.entry();
-            let meta = (
-                entry.name().to_owned(),
-                entry.mode(),
-                entry.mtime(),
-                (entry.rdev_major(), entry.rdev_minor()),
-            );
-            let mut data = Vec::new();
-            reader.read_to_end(&mut data).unwrap();
-            members.push((meta.0, meta.1, meta.2, meta.3, data));
+            let mut member = Member {
+                name: entry.name().to_owned(),
+                mode: entry.mode(),
+                mtime: entry.mtime(),
+                rdev: (entry.rdev_major(), entry.rdev_minor()),
+                data: Vec::new(),
+            };
+            reader.read_to_end(&mut member.data).unwrap();
+            members.push(member);
             rest = reader.finish().unwrap();
         }
         members
@@ -370,15 +381,15 @@ mod tests {
     fn archive_is_sorted_with_fixed_metadata() {
         let archive = write_newc(&entries(b"agent".to_vec(), None), Vec::new()).unwrap();
         let members = read_back(&archive);
-        let names: Vec<_> = members.iter().map(|m| m.0.as_str()).collect();
+        let names: Vec<_> = members.iter().map(|m| m.name.as_str()).collect();
         assert_eq!(names, ["dev", "dev/console", "init", "proc", "sys"]);
-        assert!(members.iter().all(|m| m.2 == MTIME));
+        assert!(members.iter().all(|m| m.mtime == MTIME));
         let console = &members[1];
-        assert_eq!(console.1, 0o020600);
-        assert_eq!(console.3, (5, 1));
+        assert_eq!(console.mode, 0o020600);
+        assert_eq!(console.rdev, (5, 1));
         let init = &members[2];
-        assert_eq!(init.1, 0o100755);
-        assert_eq!(init.4, b"agent");
+        assert_eq!(init.mode, 0o100755);
+        assert_eq!(init.data, b"agent");
     }
 
     #[test]
@@ -398,11 +409,11 @@ mod tests {
         let archive =
             write_newc(&entries(b"agent".to_vec(), Some(b"bb".to_vec())), Vec::new()).unwrap();
         let members = read_back(&archive);
-        let sh = members.iter().find(|m| m.0 == "bin/sh").unwrap();
-        assert_eq!(sh.1 & S_IFMT, 0o120000);
-        assert_eq!(sh.4, b"busybox");
+        let sh = members.iter().find(|m| m.name == "bin/sh").unwrap();
+        assert_eq!(sh.mode & S_IFMT, 0o120000);
+        assert_eq!(sh.data, b"busybox");
         // Parents come before children.
-        let names: Vec<_> = members.iter().map(|m| m.0.as_str()).collect();
+        let names: Vec<_> = members.iter().map(|m| m.name.as_str()).collect();
         assert!(names.iter().position(|n| *n == "bin") < names.iter().position(|n| *n == "bin/sh"));
     }
 

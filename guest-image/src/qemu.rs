@@ -30,9 +30,6 @@ pub struct QemuBoot {
     pub cmdline: String,
     pub memory_mib: u32,
     pub timeout: Duration,
-    /// Load option ROMs. Off for our PVH vmlinux (faster); a bzImage such as
-    /// Debian's vmlinuz needs QEMU's linuxboot ROM.
-    pub option_roms: bool,
     /// Typed into the serial console once `after` appears on it.
     pub serial_input: Option<SerialInput>,
 }
@@ -51,21 +48,18 @@ impl QemuBoot {
             cmdline,
             memory_mib: 256,
             timeout: Duration::from_secs(120),
-            option_roms: false,
             serial_input: None,
         }
     }
 
     /// The QEMU arguments (ENVIRONMENT.md's working microvm setup).
-    /// `acpi=off` makes QEMU describe virtio-mmio devices on the command line.
+    /// `acpi=off` makes QEMU describe virtio-mmio devices on the command
+    /// line. QEMU loads a bzImage (Debian's vmlinuz) as well as a PVH
+    /// vmlinux without option ROMs.
     pub fn args(&self) -> Vec<OsString> {
-        let machine = format!(
-            "microvm,acpi=off,x-option-roms={},isa-serial=on,rtc=off",
-            if self.option_roms { "on" } else { "off" }
-        );
         let mut args: Vec<OsString> = [
             "-M",
-            machine.as_str(),
+            "microvm,acpi=off,x-option-roms=off,isa-serial=on,rtc=off",
             "-accel",
             "tcg",
             "-cpu",
@@ -226,14 +220,6 @@ mod tests {
         assert!(joined.contains("-accel tcg -cpu max -m 256"));
         assert!(joined.contains("-no-reboot"));
         assert!(joined.ends_with("-kernel /k/vmlinux -initrd /i/initramfs -append console=ttyS0"));
-    }
-
-    #[test]
-    fn option_roms_can_be_enabled_for_bzimages() {
-        let mut boot = QemuBoot::new("k".into(), "i".into(), String::new());
-        boot.option_roms = true;
-        let machine = boot.args()[1].to_string_lossy().into_owned();
-        assert!(machine.contains("x-option-roms=on"));
     }
 
     #[test]

@@ -58,13 +58,16 @@ pub struct Vm {
 impl Vm {
     /// Builds the whole VM, ready to run. Nothing runs until [`Vm::start`].
     pub fn create(config: &VmConfig, sinks: GuestSinks) -> Result<Self, VmError> {
-        // Devices first: they own host resources (sockets, taps, files) whose
-        // errors are the most useful to report before touching KVM.
-        let virtio = devices::create_virtio_devices(config)?;
-
+        // Order matters for clean failure: the kernel and initrd are checked
+        // before any device creates a host file or socket.
         let kvm_handle = Kvm::new().map_err(VmError::OpenKvm)?;
         let vm_fd = kvm_handle.create_vm().map_err(kvm("KVM_CREATE_VM"))?;
         let ram = create_guest_memory(config.machine.memory_mib << 20)?;
+        let (kernel, bzimage_params) = boot::load_kernel(&ram.memory, &config.boot.kernel)?;
+        let initrd = match &config.boot.initrd {
+            Some(path) => Some(boot::load_initrd(&ram.memory, path, kernel.kernel_end)?),
+            None => None,
+        };
         register_memory(&vm_fd, &ram)?;
         vm_fd
             .set_tss_address(KVM_TSS_ADDRESS as usize)
@@ -79,6 +82,7 @@ impl Vm {
         };
         vm_fd.create_pit2(pit).map_err(kvm("KVM_CREATE_PIT2"))?;
 
+        let virtio = devices::create_virtio_devices(config)?;
         let devices = devices::build(config, &vm_fd, &ram.memory, sinks, virtio)?;
 
         let mut cmdline = Cmdline::try_from(&config.boot.cmdline, CMDLINE_MAX_SIZE).map_err(boot::BootError::Cmdline)?;
@@ -87,11 +91,6 @@ impl Vm {
                 .add_virtio_mmio_device(VIRTIO_MMIO_SIZE, vm_memory::GuestAddress(slot.base), slot.irq, None)
                 .map_err(boot::BootError::Cmdline)?;
         }
-        let (kernel, bzimage_params) = boot::load_kernel(&ram.memory, &config.boot.kernel)?;
-        let initrd = match &config.boot.initrd {
-            Some(path) => Some(boot::load_initrd(&ram.memory, path, kernel.kernel_end)?),
-            None => None,
-        };
         mptable::write(&ram.memory, config.machine.vcpus)?;
         boot::write_boot_params(
             &ram.memory,

@@ -129,8 +129,8 @@ user_start:
     movq %r12, %rdi
     movq %r13, %rsi
     call probe_main
-1:
-    jmp 1b
+2:
+    jmp 2b
 
 /* ---------------------------------------------------------------------- */
 /* Exception stubs (ring 0, emulated; only run when something went wrong).
@@ -167,7 +167,21 @@ fault_common:
     pushq $probe_fault
     iretq
 
+/* A fault while reporting a fault: print vector, error and rip from ring 0
+ * (slow, but this is the end anyway) and stop with status 2. */
 fault_halt:
+    movw $0x3f8, %dx
+    movq $nested_fault_msg, %rsi
+    movl $nested_fault_msg_len, %ecx
+    rep outsb
+    movq (%rsp), %rbx
+    call print_hex64
+    movq 8(%rsp), %rbx
+    call print_hex64
+    movq 16(%rsp), %rbx
+    call print_hex64
+    movb $10, %al
+    outb %al, %dx
     movw $0x441, %dx
     movb $2, %al
     outb %al, %dx
@@ -179,7 +193,26 @@ halt_forever:
     hlt
     jmp halt_forever
 
+/* Prints rbx as 16 hex digits and a space on port dx. */
+print_hex64:
+    movl $16, %ecx
+3:
+    rolq $4, %rbx
+    movl %ebx, %eax
+    andl $15, %eax
+    movb hex_digits(%rax), %al
+    outb %al, %dx
+    loop 3b
+    movb $32, %al
+    outb %al, %dx
+    ret
+
     .section .rodata.fault_stubs, "a"
+hex_digits:
+    .ascii "0123456789abcdef"
+nested_fault_msg:
+    .ascii "\nprobe: nested FAULT vector, error, rip: "
+    .equ nested_fault_msg_len, . - nested_fault_msg
     .balign 8
     .globl fault_stub_table
 fault_stub_table:
@@ -225,7 +258,7 @@ gdt:
     .quad 0x00affa000000ffff    /* 0x18 user code, 64-bit, DPL 3 */
     .quad 0x00cff2000000ffff    /* 0x20 user data, DPL 3 */
 gdt_tss:                        /* 0x28 64-bit TSS, base filled at boot */
-    .word 0x67
+    .word tss_end - tss - 1
     .word 0
     .byte 0                     /* base 16..23 */
     .byte 0x89                  /* present, available 64-bit TSS */
@@ -248,7 +281,14 @@ tss:
     .long 0
     .quad kernel_stack_top      /* rsp0: where exceptions from ring 3 land */
     .fill 90, 1, 0
-    .word 104                   /* I/O bitmap offset: none (IOPL=3 suffices) */
+    .word io_bitmap - tss
+/* Ports 0-0x7ff open to ring 3 (serial, i8042, debug port). IOPL=3 alone is
+ * not enough on a PVM host: there ring-3 `out` still faults into KVM's
+ * emulator, which reads back IOPL 0 and then consults this bitmap. */
+io_bitmap:
+    .fill 0x800 / 8, 1, 0
+    .byte 0xff
+tss_end:
 
     .section .bss.boot, "aw", @nobits
     .balign 4

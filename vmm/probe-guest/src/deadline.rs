@@ -67,18 +67,15 @@ fn ticks_per_ms() -> u64 {
 
 /// TSC frequency from leaf 0x15 (crystal ratio) or 0x16 (base MHz).
 fn tsc_hz_from_cpuid() -> Option<u64> {
-    // SAFETY: cpuid is always available on x86_64 and has no side effects.
-    let max_leaf = unsafe { __cpuid(0) }.eax;
+    let max_leaf = __cpuid(0).eax;
     if max_leaf >= 0x15 {
-        // SAFETY: as above; the leaf is within the reported range.
-        let leaf = unsafe { __cpuid(0x15) };
+        let leaf = __cpuid(0x15);
         if leaf.eax != 0 && leaf.ebx != 0 && leaf.ecx != 0 {
             return Some(u64::from(leaf.ecx) * u64::from(leaf.ebx) / u64::from(leaf.eax));
         }
     }
     if max_leaf >= 0x16 {
-        // SAFETY: as above; the leaf is within the reported range.
-        let mhz = unsafe { __cpuid(0x16) }.eax & 0xffff;
+        let mhz = __cpuid(0x16).eax & 0xffff;
         if mhz != 0 {
             return Some(u64::from(mhz) * 1_000_000);
         }

@@ -56,6 +56,8 @@ pub enum ConfigError {
     KernelMissing(PathBuf),
     #[error("boot.initrd {0}: no such file")]
     InitrdMissing(PathBuf),
+    #[error("boot.initrd {path} ({size} bytes) is larger than the guest's {memory_mib} MiB of memory can hold")]
+    InitrdTooLarge { path: PathBuf, size: u64, memory_mib: u64 },
     #[error("disks[{index}].path {path}: no such file")]
     DiskMissing { index: usize, path: PathBuf },
     #[error("too many devices: {got} virtio devices, at most {max}")]
@@ -112,8 +114,21 @@ impl VmConfig {
             return Err(ConfigError::KernelMissing(self.boot.kernel.clone()));
         }
         if let Some(initrd) = &self.boot.initrd {
-            if !initrd.is_file() {
-                return Err(ConfigError::InitrdMissing(initrd.clone()));
+            let size = std::fs::metadata(initrd)
+                .ok()
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .ok_or_else(|| ConfigError::InitrdMissing(initrd.clone()))?;
+            // The initrd sits in low RAM above the kernel at 1 MiB; the exact
+            // fit is checked again at load time, this catches the absurd case
+            // before anything is created.
+            let low_ram = (memory << 20).min(crate::arch::layout::MMIO_GAP_START);
+            if size >= low_ram.saturating_sub(crate::arch::layout::HIMEM_START) {
+                return Err(ConfigError::InitrdTooLarge {
+                    path: initrd.clone(),
+                    size,
+                    memory_mib: memory,
+                });
             }
         }
         for (index, disk) in self.disks.iter().enumerate() {

@@ -21,3 +21,15 @@ pub mod status {
 
 /// VIRTIO_F_VERSION_1: the modern interface; the only one the probe speaks.
 pub const F_VERSION_1: u64 = 1 << 32;
+
+/// Kicks a device's queue: the MMIO transport in the guest, a no-op in host
+/// unit tests (where a thread plays the device and polls).
+pub trait Notify {
+    fn notify(&self, queue: u32);
+}
+
+impl Notify for &mmio::Mmio {
+    fn notify(&self, queue: u32) {
+        mmio::Mmio::notify(self, queue);
+    }
+}

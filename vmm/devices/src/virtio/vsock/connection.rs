@@ -167,6 +167,7 @@ impl<S: HostStream> Connection<S> {
         self.key
     }
 
+    #[cfg(test)]
     pub fn state(&self) -> ConnState {
         self.state
     }
@@ -432,8 +433,7 @@ impl<S: HostStream> Connection<S> {
                     self.credit_requested = true;
                     return Some(self.header(OP_CREDIT_REQUEST, 0));
                 }
-            } else if let Some(hdr) = self.read_host(data_cap.min(credit).min(MAX_PKT_DATA), data)
-            {
+            } else if let Some(hdr) = self.read_host(data_cap.min(credit).min(MAX_PKT_DATA), data) {
                 return Some(hdr);
             }
             if self.close.is_some() {
@@ -608,18 +608,27 @@ mod tests {
     #[test]
     fn host_initiated_request_then_ok_line() {
         let mut c = Connection::new_host_initiated(stream(100), KEY, GUEST_CID, BUF);
-        assert!(c.interest().is_empty(), "no host I/O before the guest accepts");
+        assert!(
+            c.interest().is_empty(),
+            "no host I/O before the guest accepts"
+        );
         let mut data = Vec::new();
         let req = c.next_rx(4096, &mut data).unwrap();
         assert_eq!(req.op, OP_REQUEST);
         assert_eq!((req.src_cid, req.dst_cid), (HOST_CID, GUEST_CID));
-        assert_eq!((req.src_port, req.dst_port), (KEY.local_port, KEY.peer_port));
+        assert_eq!(
+            (req.src_port, req.dst_port),
+            (KEY.local_port, KEY.peer_port)
+        );
         assert_eq!(req.buf_alloc, BUF);
         assert!(c.next_rx(4096, &mut data).is_none());
 
         c.on_guest_packet(&guest(OP_RESPONSE, 4096, 0), &[]);
         assert_eq!(c.state(), ConnState::Established);
-        assert_eq!(c.stream().0.output, format!("OK {}\n", 1u32 << 30).as_bytes());
+        assert_eq!(
+            c.stream().0.output,
+            format!("OK {}\n", 1u32 << 30).as_bytes()
+        );
         // The OK line is not guest data.
         assert_eq!(c.fwd_cnt.0, 0);
         assert!(c.interest().read);
@@ -757,7 +766,10 @@ mod tests {
     #[test]
     fn credit_invariant_holds_under_random_traffic() {
         let mut c = established(1 << 20, 3000);
-        c.stream_mut().0.input.extend((0..200_000u32).map(|i| i as u8));
+        c.stream_mut()
+            .0
+            .input
+            .extend((0..200_000u32).map(|i| i as u8));
         let mut data = Vec::new();
         let mut guest_fwd = 0u32;
         let mut received = 0u32;

@@ -124,7 +124,9 @@ impl Vsock {
             let head = chain.head_index();
             let written = match RxBuffer::new(mem, chain) {
                 Ok(buf) => {
-                    let Some(hdr) = self.muxer.next_rx_packet(buf.data_capacity(), &mut self.rx_data)
+                    let Some(hdr) = self
+                        .muxer
+                        .next_rx_packet(buf.data_capacity(), &mut self.rx_data)
                     else {
                         // Nothing to send after all: keep the buffer.
                         queue.go_to_previous_position();
@@ -319,7 +321,10 @@ mod tests {
         ctx.queues.pop();
         assert!(matches!(
             dev.activate(ctx),
-            Err(ActivateError::QueueCount { expected: 3, got: 2 })
+            Err(ActivateError::QueueCount {
+                expected: 3,
+                got: 2
+            })
         ));
         assert!(!dev.is_activated());
         dev.activate(driver.activate_context()).unwrap();

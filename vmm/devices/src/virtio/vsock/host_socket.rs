@@ -7,7 +7,7 @@ use std::ffi::OsString;
 use std::fs;
 use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::io::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
@@ -108,10 +108,6 @@ impl<S: Read> Handshake<S> {
         }
     }
 
-    pub fn stream(&self) -> &S {
-        &self.stream
-    }
-
     pub fn into_stream(self) -> S {
         self.stream
     }
@@ -124,7 +120,7 @@ pub fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
     let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
     socket.set_nonblocking(true)?;
     socket.connect(&SockAddr::unix(path)?)?;
-    Ok(socket.into())
+    Ok(UnixStream::from(OwnedFd::from(socket)))
 }
 
 /// `<uds_path>_<port>`, built on the raw OS string so odd paths survive.
@@ -170,9 +166,7 @@ impl HostListener {
                 path: path.to_owned(),
                 source,
             })?;
-        let file_id = fs::symlink_metadata(path)
-            .ok()
-            .map(|m| (m.dev(), m.ino()));
+        let file_id = fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()));
         Ok(Self {
             listener,
             path: path.to_owned(),
@@ -273,7 +267,11 @@ mod tests {
             b"CONNECT \n",
             b"CONNECT 1024\r\n",
         ] {
-            assert_eq!(parse_connect_line(line), Err(ConnectLineError::BadPort), "{line:?}");
+            assert_eq!(
+                parse_connect_line(line),
+                Err(ConnectLineError::BadPort),
+                "{line:?}"
+            );
         }
         assert_eq!(
             parse_connect_line(b"connect 1024\n"),
@@ -389,7 +387,10 @@ mod tests {
         let err = HostListener::bind(&path).unwrap_err();
         assert!(matches!(err, VsockError::SocketInUse(ref p) if *p == path));
         let msg = err.to_string();
-        assert!(msg.contains("already in use") && msg.contains("v.sock"), "{msg}");
+        assert!(
+            msg.contains("already in use") && msg.contains("v.sock"),
+            "{msg}"
+        );
         // The live listener still works.
         drop(UnixStream::connect(&path).unwrap());
         live.accept().unwrap();

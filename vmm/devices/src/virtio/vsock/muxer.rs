@@ -91,6 +91,7 @@ impl Muxer {
         self.conns.len()
     }
 
+    #[cfg(test)]
     pub fn handshake_count(&self) -> usize {
         self.handshakes.len()
     }
@@ -100,6 +101,7 @@ impl Muxer {
         self.conns.get(&key)
     }
 
+    #[cfg(test)]
     pub fn listener_fd(&self) -> RawFd {
         self.listener.as_raw_fd()
     }
@@ -291,7 +293,10 @@ impl Muxer {
         let stream = hs.into_stream();
         if self.conns.len() >= self.limits.max_connections {
             self.metrics.conn_limit_rejects.inc();
-            tracing::debug!(port, "vsock: host connect refused, connection limit reached");
+            tracing::debug!(
+                port,
+                "vsock: host connect refused, connection limit reached"
+            );
             self.graveyard.push(stream);
             return;
         }
@@ -507,7 +512,10 @@ mod tests {
         let mut m = muxer(&dir, VsockLimits::default());
         m.on_guest_packet(&guest_pkt(OP_REQUEST, 5000, 52, &[]));
         let (h, _) = next(&mut m).unwrap();
-        assert_eq!((h.op, h.src_port, h.dst_port, h.dst_cid), (OP_RST, 52, 5000, CID));
+        assert_eq!(
+            (h.op, h.src_port, h.dst_port, h.dst_cid),
+            (OP_RST, 52, 5000, CID)
+        );
         assert_eq!(m.connection_count(), 0);
         assert_eq!(m.metrics.guest_connect_fails.get(), 1);
     }
@@ -638,7 +646,10 @@ mod tests {
         m.handle_fd_event(fd, true, false);
         assert_eq!((m.handshake_count(), m.connection_count()), (0, 1));
         let (h, _) = next(&mut m).unwrap();
-        assert_eq!((h.op, h.dst_port, h.src_port), (OP_REQUEST, 1024, FIRST_LOCAL_PORT));
+        assert_eq!(
+            (h.op, h.dst_port, h.src_port),
+            (OP_REQUEST, 1024, FIRST_LOCAL_PORT)
+        );
         // No host I/O until the guest answers.
         m.sync_interest(&mut reg);
         assert!(reg.interest(fd).is_none());

@@ -67,7 +67,7 @@ impl VsockHeader {
         }
     }
 
-    pub fn to_bytes(&self) -> [u8; HDR_SIZE] {
+    pub fn to_bytes(self) -> [u8; HDR_SIZE] {
         let mut b = [0u8; HDR_SIZE];
         b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
         b[8..16].copy_from_slice(&self.dst_cid.to_le_bytes());
@@ -308,7 +308,11 @@ mod tests {
 
     /// Writes `bytes` into guest memory split into descriptors of `sizes`
     /// (the last size takes whatever is left) and parses the chain.
-    fn parse_split(m: &GuestMemoryMmap, bytes: &[u8], sizes: &[usize]) -> Result<TxPacket, PacketError> {
+    fn parse_split(
+        m: &GuestMemoryMmap,
+        bytes: &[u8],
+        sizes: &[usize],
+    ) -> Result<TxPacket, PacketError> {
         let vq = MockSplitQueue::new(m, 16);
         let mut descs = Vec::new();
         let mut off = 0;
@@ -403,7 +407,10 @@ mod tests {
         let bytes = hdr(OP_RW, 0).to_bytes();
         for n in 0..HDR_SIZE {
             let err = parse_split(&m, &bytes[..n], &[n]).unwrap_err();
-            assert!(matches!(err, PacketError::ShortHeader(got) if got == n), "{n}: {err}");
+            assert!(
+                matches!(err, PacketError::ShortHeader(got) if got == n),
+                "{n}: {err}"
+            );
             assert_eq!(err.fault(), PacketFault::Len);
         }
     }
@@ -413,7 +420,13 @@ mod tests {
         let m = mem();
         let bytes = packet_bytes(&hdr(OP_RW, 10), b"short");
         let err = parse_split(&m, &bytes, &[HDR_SIZE, 0]).unwrap_err();
-        assert!(matches!(err, PacketError::LenBeyondChain { len: 10, available: 5 }));
+        assert!(matches!(
+            err,
+            PacketError::LenBeyondChain {
+                len: 10,
+                available: 5
+            }
+        ));
 
         let bytes = hdr(OP_RW, MAX_PKT_DATA as u32 + 1).to_bytes();
         let err = parse_split(&m, &bytes, &[HDR_SIZE]).unwrap_err();
@@ -428,9 +441,27 @@ mod tests {
     fn bad_cid_type_and_op_are_rejected() {
         let m = mem();
         let cases: Vec<(VsockHeader, PacketFault)> = vec![
-            (VsockHeader { src_cid: 4, ..hdr(OP_RW, 0) }, PacketFault::Cid),
-            (VsockHeader { dst_cid: 3, ..hdr(OP_RW, 0) }, PacketFault::Cid),
-            (VsockHeader { type_: 2, ..hdr(OP_RW, 0) }, PacketFault::Op),
+            (
+                VsockHeader {
+                    src_cid: 4,
+                    ..hdr(OP_RW, 0)
+                },
+                PacketFault::Cid,
+            ),
+            (
+                VsockHeader {
+                    dst_cid: 3,
+                    ..hdr(OP_RW, 0)
+                },
+                PacketFault::Cid,
+            ),
+            (
+                VsockHeader {
+                    type_: 2,
+                    ..hdr(OP_RW, 0)
+                },
+                PacketFault::Op,
+            ),
             (hdr(0, 0), PacketFault::Op),
             (hdr(8, 0), PacketFault::Op),
             (hdr(0xffff, 0), PacketFault::Op),
@@ -495,14 +526,21 @@ mod tests {
         let chain = q.iter(&m).unwrap().next().unwrap();
         let err = read_tx_packet(&m, chain.clone(), GUEST_CID).unwrap_err();
         assert!(matches!(err, PacketError::EmptyChain), "{err}");
-        assert!(matches!(RxBuffer::new(&m, chain), Err(PacketError::EmptyChain)));
+        assert!(matches!(
+            RxBuffer::new(&m, chain),
+            Err(PacketError::EmptyChain)
+        ));
     }
 
     #[test]
     fn out_of_range_address_is_rejected() {
         let m = mem();
         let vq = MockSplitQueue::new(&m, 16);
-        for (addr, len) in [(0x1000_0000u64, 44u32), (0x40_0000 - 20, 44), (u64::MAX - 10, 44)] {
+        for (addr, len) in [
+            (0x1000_0000u64, 44u32),
+            (0x40_0000 - 20, 44),
+            (u64::MAX - 10, 44),
+        ] {
             let chain = vq.build_desc_chain(&[desc(addr, len, false)]).unwrap();
             let err = read_tx_packet(&m, chain, GUEST_CID).unwrap_err();
             assert!(matches!(err, PacketError::BadMemory(_)), "{addr:#x}: {err}");
@@ -519,13 +557,19 @@ mod tests {
             .unwrap();
         // A tx chain that ends in a writable descriptor.
         let chain = vq
-            .build_desc_chain(&[desc(DATA_BASE, 44, false), desc(DATA_BASE + 0x1000, 8, true)])
+            .build_desc_chain(&[
+                desc(DATA_BASE, 44, false),
+                desc(DATA_BASE + 0x1000, 8, true),
+            ])
             .unwrap();
         let err = read_tx_packet(&m, chain, GUEST_CID).unwrap_err();
         assert!(matches!(err, PacketError::WritableInTx));
         // An rx chain that starts with a readable descriptor.
         let chain = vq
-            .build_desc_chain(&[desc(DATA_BASE, 44, false), desc(DATA_BASE + 0x1000, 4096, true)])
+            .build_desc_chain(&[
+                desc(DATA_BASE, 44, false),
+                desc(DATA_BASE + 0x1000, 4096, true),
+            ])
             .unwrap();
         assert!(matches!(
             RxBuffer::new(&m, chain),
@@ -538,7 +582,10 @@ mod tests {
         let m = mem();
         let vq = MockSplitQueue::new(&m, 16);
         let chain = vq
-            .build_desc_chain(&[desc(DATA_BASE, 20, true), desc(DATA_BASE + 0x1000, 23, true)])
+            .build_desc_chain(&[
+                desc(DATA_BASE, 20, true),
+                desc(DATA_BASE + 0x1000, 23, true),
+            ])
             .unwrap();
         assert!(matches!(
             RxBuffer::new(&m, chain),
@@ -548,8 +595,6 @@ mod tests {
 
     #[test]
     fn rx_write_splits_header_across_descriptors() {
-        let m = mem();
-        let vq = MockSplitQueue::new(&m, 16);
         let h = VsockHeader {
             src_cid: 2,
             dst_cid: 3,
@@ -558,6 +603,9 @@ mod tests {
             ..Default::default()
         };
         for split in 1..HDR_SIZE as u64 {
+            // Fresh rings each time: the mock's avail ring only holds 16.
+            let m = mem();
+            let vq = MockSplitQueue::new(&m, 16);
             let second = DATA_BASE + 0x1000;
             let chain = vq
                 .build_desc_chain(&[desc(DATA_BASE, split as u32, true), desc(second, 100, true)])

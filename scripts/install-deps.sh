@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the build, the tests and the demo need.
+# Idempotent: skips apt entirely when everything is already there.
+set -euo pipefail
+
+packages=(
+  qemu-system-x86      # second hypervisor backend; boots the guest image under TCG
+  busybox-static       # rootfs for container tests and the debug initramfs
+  protobuf-compiler    # proto/ (tonic/prost)
+  cpio                 # initramfs
+  flex bison bc libelf-dev libssl-dev  # guest kernel build
+)
+
+missing=()
+for pkg in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+
+if ((${#missing[@]})); then
+  echo "install-deps: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi

@@ -1,0 +1,184 @@
+//! KVM integration: the probe guest boots under `microvm-vmm` through the
+//! same loader path as Linux (PVH ELF), talks to its devices, and stops.
+
+use microvm_tests::harness::{binary, run_with_timeout, wait_for_path, ChildGuard, TempDir};
+use microvm_tests::probe::probe_guest_elf;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const DISK_SECTOR0: &[u8] = b"hello-from-host!";
+const VSOCK_PORT: u32 = 52;
+
+fn probe() -> PathBuf {
+    probe_guest_elf().expect("building the probe guest")
+}
+
+/// Echoes every connection to `<uds>_52` until the test ends.
+fn spawn_echo(uds: &Path) -> std::thread::JoinHandle<Vec<u8>> {
+    let listener = UnixListener::bind(format!("{}_{VSOCK_PORT}", uds.display())).unwrap();
+    std::thread::spawn(move || {
+        let Ok((mut stream, _)) = listener.accept() else { return Vec::new() };
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stream.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if stream.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        seen
+    })
+}
+
+fn make_disk(dir: &TempDir) -> PathBuf {
+    let disk = dir.join("disk.img");
+    let mut data = vec![0u8; 1 << 20];
+    data[..DISK_SECTOR0.len()].copy_from_slice(DISK_SECTOR0);
+    std::fs::write(&disk, data).unwrap();
+    disk
+}
+
+#[test]
+fn probe_guest_uses_serial_boot_timer_vsock_and_blk_then_powers_off() {
+    let dir = TempDir::new("probe-full");
+    let disk = make_disk(&dir);
+    let uds = dir.join("v.sock");
+    let echo = spawn_echo(&uds);
+    let console = dir.join("console.log");
+    let mut cmd = Command::new(binary("microvm-vmm"));
+    cmd.args(["--kernel", probe().to_str().unwrap()])
+        .args(["--disk", disk.to_str().unwrap()])
+        .args(["--vsock-uds", uds.to_str().unwrap()])
+        .args(["--serial-output", console.to_str().unwrap()]);
+    let done = run_with_timeout(&mut cmd, Duration::from_secs(60)).unwrap();
+    let serial = std::fs::read_to_string(&console).unwrap_or_default();
+    assert_eq!(done.code(), Some(0), "serial:\n{serial}\nstderr:\n{}", done.stderr);
+    for line in [
+        "probe: hello",
+        "probe: vsock ok",
+        "probe: blk read hello-from-host!",
+        "probe: blk ok",
+        "probe: done status=0",
+    ] {
+        assert!(serial.contains(line), "missing {line:?} in serial:\n{serial}");
+    }
+    assert!(done.stderr.contains("guest boot timer:"), "stderr:\n{}", done.stderr);
+    assert!(done.stderr.contains("guest shut down with status 0"), "stderr:\n{}", done.stderr);
+    let written = std::fs::read(&disk).unwrap();
+    assert!(written[512..].starts_with(b"probe-blk-write-ok"), "sector 1: {:?}", &written[512..540]);
+    assert_eq!(echo.join().unwrap(), b"probe-vsock-echo");
+    // The VMM removed its own vsock socket; only the test's files remain.
+    let leftovers = dir.entries();
+    assert_eq!(leftovers, vec!["console.log", "disk.img", "v.sock_52"], "{leftovers:?}");
+}
+
+#[test]
+fn guest_failure_status_becomes_exit_code_3() {
+    // No echo listener: the guest's vsock connect is refused, the probe
+    // reports failure through the shutdown port.
+    let dir = TempDir::new("probe-fail");
+    let uds = dir.join("v.sock");
+    let console = dir.join("console.log");
+    let mut cmd = Command::new(binary("microvm-vmm"));
+    cmd.args(["--kernel", probe().to_str().unwrap()])
+        .args(["--vsock-uds", uds.to_str().unwrap()])
+        .args(["--serial-output", console.to_str().unwrap()]);
+    let done = run_with_timeout(&mut cmd, Duration::from_secs(60)).unwrap();
+    let serial = std::fs::read_to_string(&console).unwrap_or_default();
+    assert_eq!(done.code(), Some(3), "serial:\n{serial}\nstderr:\n{}", done.stderr);
+    assert!(serial.contains("probe: vsock FAIL"), "serial:\n{serial}");
+    assert!(done.stderr.contains("guest shut down with status 1"), "stderr:\n{}", done.stderr);
+}
+
+struct Api {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Api {
+    fn connect(path: &Path) -> Self {
+        let stream = UnixStream::connect(path).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        Self { writer: stream.try_clone().unwrap(), reader: BufReader::new(stream) }
+    }
+
+    fn call(&mut self, request: serde_json::Value) -> serde_json::Value {
+        writeln!(self.writer, "{request}").unwrap();
+        self.next_line()
+    }
+
+    fn next_line(&mut self) -> serde_json::Value {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad line {line:?}: {e}"))
+    }
+}
+
+#[test]
+fn api_configure_start_state_metrics_and_stop_event() {
+    let dir = TempDir::new("probe-api");
+    let sock = dir.join("api.sock");
+    let console = dir.join("console.log");
+    let mut child = ChildGuard(Some(
+        Command::new(binary("microvm-vmm"))
+            .args(["--api-sock", sock.to_str().unwrap(), "--log-level", "warn"])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
+    assert!(wait_for_path(&sock, Duration::from_secs(10)), "API socket never appeared");
+    let mut api = Api::connect(&sock);
+    let mut events = Api::connect(&sock);
+
+    let state = api.call(serde_json::json!({"action": "state"}));
+    assert_eq!(state["result"]["state"], "not-configured", "{state}");
+    let refused = api.call(serde_json::json!({"action": "start"}));
+    assert_eq!(refused["ok"], false);
+    assert!(refused["error"].as_str().unwrap().contains("cannot start: VM is not-configured"), "{refused}");
+    let bad = api.call(serde_json::json!({"action": "configure", "config": {"boot": {"kernel": "/nope"}}}));
+    assert_eq!(bad["ok"], false);
+    assert!(bad["error"].as_str().unwrap().contains("/nope"), "{bad}");
+
+    let config = serde_json::json!({
+        "boot": {"kernel": probe(), "cmdline": "probe.quick=1"},
+        "serial": {"output": console},
+        "machine": {"vcpus": 2, "memory_mib": 64},
+    });
+    let configured = api.call(serde_json::json!({"action": "configure", "config": config}));
+    assert_eq!(configured["ok"], true, "{configured}");
+    let subscribed = events.call(serde_json::json!({"action": "subscribe"}));
+    assert_eq!(subscribed["ok"], true, "{subscribed}");
+    let started = api.call(serde_json::json!({"action": "start"}));
+    assert_eq!(started["ok"], true, "{started}");
+
+    // Events until the stop: state running, boot timer, stopped.
+    let mut seen = Vec::new();
+    loop {
+        let event = events.next_line();
+        let stopped = event["event"] == "stopped";
+        seen.push(event);
+        if stopped {
+            break;
+        }
+    }
+    let kinds: Vec<&str> = seen.iter().filter_map(|e| e["event"].as_str()).collect();
+    assert!(kinds.contains(&"boot-timer"), "{seen:?}");
+    let last = seen.last().unwrap();
+    assert_eq!(last["reason"], "guest-shutdown", "{last}");
+    assert_eq!(last["status"], 0);
+    assert_eq!(last["exit_code"], 0);
+
+    let status = child.0.as_mut().unwrap().wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    child.0 = None;
+    assert!(!sock.exists(), "API socket left behind");
+    let serial = std::fs::read_to_string(&console).unwrap();
+    assert!(serial.contains("probe: hello"), "{serial}");
+}
