@@ -23,7 +23,11 @@ fn target_dir() -> PathBuf {
 /// scripts/test.sh runs before the tests). Prefers the profile the tests were
 /// built with.
 pub fn binary(name: &str) -> PathBuf {
-    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
     let path = target_dir().join(profile).join(name);
     assert!(
         path.is_file(),
@@ -74,7 +78,11 @@ impl TempDir {
     /// Names of the entries currently in the directory, sorted.
     pub fn entries(&self) -> Vec<String> {
         let mut names: Vec<String> = std::fs::read_dir(&self.0)
-            .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default();
         names.sort();
         names
@@ -131,16 +139,33 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<Finished
             text
         })
     };
-    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
-    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
     let mut guard = ChildGuard(Some(child));
     let status = wait_child(&mut guard, timeout);
     drop(guard); // kills the child if it is still running
     let stdout = stdout.join().unwrap_or_default();
     let stderr = stderr.join().unwrap_or_default();
     match status {
-        Some(status) => Ok(Finished { status, stdout, stderr, elapsed: start.elapsed() }),
-        None => Err(format!("{cmd:?} did not finish within {timeout:?}\nstdout:\n{stdout}\nstderr:\n{stderr}")),
+        Some(status) => Ok(Finished {
+            status,
+            stdout,
+            stderr,
+            elapsed: start.elapsed(),
+        }),
+        None => Err(format!(
+            "{cmd:?} did not finish within {timeout:?}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+        )),
     }
 }
 

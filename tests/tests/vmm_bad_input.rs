@@ -23,17 +23,34 @@ struct Outcome {
 fn run_vmm(dir: &TempDir, args: &[&str]) -> Outcome {
     let mut cmd = Command::new(binary("microvm-vmm"));
     cmd.current_dir(dir.path()).args(args);
-    let done = run_with_timeout(&mut cmd, Duration::from_secs(30)).expect("microvm-vmm hung on bad input");
-    Outcome { code: done.code(), stderr: done.stderr }
+    let done =
+        run_with_timeout(&mut cmd, Duration::from_secs(30)).expect("microvm-vmm hung on bad input");
+    Outcome {
+        code: done.code(),
+        stderr: done.stderr,
+    }
 }
 
 /// Asserts the failure shape and returns the error line.
 fn assert_clean_failure(dir: &TempDir, before: &[String], outcome: &Outcome, expect: &str) {
-    assert_eq!(outcome.code, Some(2), "exit status; stderr: {}", outcome.stderr);
-    let lines: Vec<&str> = outcome.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        outcome.code,
+        Some(2),
+        "exit status; stderr: {}",
+        outcome.stderr
+    );
+    let lines: Vec<&str> = outcome
+        .stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
     assert_eq!(lines.len(), 1, "expected one error line, got: {:?}", lines);
     assert!(lines[0].starts_with("microvm-vmm: error: "), "{}", lines[0]);
-    assert!(lines[0].contains(expect), "expected {expect:?} in {:?}", lines[0]);
+    assert!(
+        lines[0].contains(expect),
+        "expected {expect:?} in {:?}",
+        lines[0]
+    );
     assert_eq!(dir.entries(), before, "files left behind");
 }
 
@@ -45,8 +62,21 @@ fn path_str(p: &Path) -> &str {
 fn missing_kernel() {
     let dir = TempDir::new("bad-kernel-missing");
     let before = dir.entries();
-    let outcome = run_vmm(&dir, &["--kernel", "/nonexistent/vmlinux", "--serial-output", "console.log"]);
-    assert_clean_failure(&dir, &before, &outcome, "boot.kernel /nonexistent/vmlinux: no such file");
+    let outcome = run_vmm(
+        &dir,
+        &[
+            "--kernel",
+            "/nonexistent/vmlinux",
+            "--serial-output",
+            "console.log",
+        ],
+    );
+    assert_clean_failure(
+        &dir,
+        &before,
+        &outcome,
+        "boot.kernel /nonexistent/vmlinux: no such file",
+    );
 }
 
 #[test]
@@ -58,9 +88,21 @@ fn garbage_kernel() {
     let vsock = dir.join("v.sock");
     let outcome = run_vmm(
         &dir,
-        &["--kernel", path_str(&kernel), "--serial-output", "console.log", "--vsock-uds", path_str(&vsock)],
+        &[
+            "--kernel",
+            path_str(&kernel),
+            "--serial-output",
+            "console.log",
+            "--vsock-uds",
+            path_str(&vsock),
+        ],
     );
-    assert_clean_failure(&dir, &before, &outcome, "neither a loadable vmlinux ELF nor a bzImage");
+    assert_clean_failure(
+        &dir,
+        &before,
+        &outcome,
+        "neither a loadable vmlinux ELF nor a bzImage",
+    );
 }
 
 #[test]
@@ -73,7 +115,14 @@ fn initrd_larger_than_memory() {
     let before = dir.entries();
     let outcome = run_vmm(
         &dir,
-        &["--kernel", path_str(&kernel), "--initrd", path_str(&initrd), "--memory-mib", "32"],
+        &[
+            "--kernel",
+            path_str(&kernel),
+            "--initrd",
+            path_str(&initrd),
+            "--memory-mib",
+            "32",
+        ],
     );
     assert_clean_failure(&dir, &before, &outcome, "larger than the guest's 32 MiB");
 }
@@ -92,7 +141,15 @@ fn absurd_memory() {
     let dir = TempDir::new("bad-mem-huge");
     let kernel = placeholder_kernel(&dir);
     let before = dir.entries();
-    let outcome = run_vmm(&dir, &["--kernel", path_str(&kernel), "--memory-mib", "1099511627776"]);
+    let outcome = run_vmm(
+        &dir,
+        &[
+            "--kernel",
+            path_str(&kernel),
+            "--memory-mib",
+            "1099511627776",
+        ],
+    );
     assert_clean_failure(&dir, &before, &outcome, "exceeds the host's");
 }
 
@@ -110,8 +167,21 @@ fn missing_disk() {
     let dir = TempDir::new("bad-disk");
     let kernel = placeholder_kernel(&dir);
     let before = dir.entries();
-    let outcome = run_vmm(&dir, &["--kernel", path_str(&kernel), "--disk", "/nonexistent/disk.img"]);
-    assert_clean_failure(&dir, &before, &outcome, "disks[0].path /nonexistent/disk.img: no such file");
+    let outcome = run_vmm(
+        &dir,
+        &[
+            "--kernel",
+            path_str(&kernel),
+            "--disk",
+            "/nonexistent/disk.img",
+        ],
+    );
+    assert_clean_failure(
+        &dir,
+        &before,
+        &outcome,
+        "disks[0].path /nonexistent/disk.img: no such file",
+    );
 }
 
 #[test]
@@ -134,7 +204,14 @@ fn vsock_socket_in_use() {
     let before = dir.entries();
     let outcome = run_vmm(
         &dir,
-        &["--kernel", path_str(&kernel), "--vsock-uds", path_str(&sock), "--serial-output", "console.log"],
+        &[
+            "--kernel",
+            path_str(&kernel),
+            "--vsock-uds",
+            path_str(&sock),
+            "--serial-output",
+            "console.log",
+        ],
     );
     assert_clean_failure(&dir, &before, &outcome, "already in use");
     assert!(sock.exists(), "the live socket must not be removed");
@@ -144,7 +221,11 @@ fn vsock_socket_in_use() {
 fn unknown_config_key_is_named() {
     let dir = TempDir::new("bad-config");
     let config = dir.join("vm.json");
-    std::fs::write(&config, r#"{"boot": {"kernel": "/k"}, "machine": {"vcpu": 2}}"#).unwrap();
+    std::fs::write(
+        &config,
+        r#"{"boot": {"kernel": "/k"}, "machine": {"vcpu": 2}}"#,
+    )
+    .unwrap();
     let before = dir.entries();
     let outcome = run_vmm(&dir, &["--config", path_str(&config)]);
     assert_clean_failure(&dir, &before, &outcome, "unknown field `vcpu`");

@@ -20,8 +20,12 @@ fn probe() -> PathBuf {
 fn spawn_echo(uds: &Path) -> std::thread::JoinHandle<Vec<u8>> {
     let listener = UnixListener::bind(format!("{}_{VSOCK_PORT}", uds.display())).unwrap();
     std::thread::spawn(move || {
-        let Ok((mut stream, _)) = listener.accept() else { return Vec::new() };
-        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let Ok((mut stream, _)) = listener.accept() else {
+            return Vec::new();
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
         let mut seen = Vec::new();
         let mut buf = [0u8; 4096];
         while let Ok(n) = stream.read(&mut buf) {
@@ -59,7 +63,12 @@ fn probe_guest_uses_serial_boot_timer_vsock_and_blk_then_powers_off() {
         .args(["--serial-output", console.to_str().unwrap()]);
     let done = run_with_timeout(&mut cmd, Duration::from_secs(60)).unwrap();
     let serial = std::fs::read_to_string(&console).unwrap_or_default();
-    assert_eq!(done.code(), Some(0), "serial:\n{serial}\nstderr:\n{}", done.stderr);
+    assert_eq!(
+        done.code(),
+        Some(0),
+        "serial:\n{serial}\nstderr:\n{}",
+        done.stderr
+    );
     for line in [
         "probe: hello",
         "probe: vsock ok",
@@ -67,16 +76,35 @@ fn probe_guest_uses_serial_boot_timer_vsock_and_blk_then_powers_off() {
         "probe: blk ok",
         "probe: done status=0",
     ] {
-        assert!(serial.contains(line), "missing {line:?} in serial:\n{serial}");
+        assert!(
+            serial.contains(line),
+            "missing {line:?} in serial:\n{serial}"
+        );
     }
-    assert!(done.stderr.contains("guest boot timer:"), "stderr:\n{}", done.stderr);
-    assert!(done.stderr.contains("guest shut down with status 0"), "stderr:\n{}", done.stderr);
+    assert!(
+        done.stderr.contains("guest boot timer:"),
+        "stderr:\n{}",
+        done.stderr
+    );
+    assert!(
+        done.stderr.contains("guest shut down with status 0"),
+        "stderr:\n{}",
+        done.stderr
+    );
     let written = std::fs::read(&disk).unwrap();
-    assert!(written[512..].starts_with(b"probe-blk-write-ok"), "sector 1: {:?}", &written[512..540]);
+    assert!(
+        written[512..].starts_with(b"probe-blk-write-ok"),
+        "sector 1: {:?}",
+        &written[512..540]
+    );
     assert_eq!(echo.join().unwrap(), b"probe-vsock-echo");
     // The VMM removed its own vsock socket; only the test's files remain.
     let leftovers = dir.entries();
-    assert_eq!(leftovers, vec!["console.log", "disk.img", "v.sock_52"], "{leftovers:?}");
+    assert_eq!(
+        leftovers,
+        vec!["console.log", "disk.img", "v.sock_52"],
+        "{leftovers:?}"
+    );
 }
 
 #[test]
@@ -92,9 +120,18 @@ fn guest_failure_status_becomes_exit_code_3() {
         .args(["--serial-output", console.to_str().unwrap()]);
     let done = run_with_timeout(&mut cmd, Duration::from_secs(60)).unwrap();
     let serial = std::fs::read_to_string(&console).unwrap_or_default();
-    assert_eq!(done.code(), Some(3), "serial:\n{serial}\nstderr:\n{}", done.stderr);
+    assert_eq!(
+        done.code(),
+        Some(3),
+        "serial:\n{serial}\nstderr:\n{}",
+        done.stderr
+    );
     assert!(serial.contains("probe: vsock FAIL"), "serial:\n{serial}");
-    assert!(done.stderr.contains("guest shut down with status 1"), "stderr:\n{}", done.stderr);
+    assert!(
+        done.stderr.contains("guest shut down with status 1"),
+        "stderr:\n{}",
+        done.stderr
+    );
 }
 
 struct Api {
@@ -105,8 +142,13 @@ struct Api {
 impl Api {
     fn connect(path: &Path) -> Self {
         let stream = UnixStream::connect(path).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        Self { writer: stream.try_clone().unwrap(), reader: BufReader::new(stream) }
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        Self {
+            writer: stream.try_clone().unwrap(),
+            reader: BufReader::new(stream),
+        }
     }
 
     fn call(&mut self, request: serde_json::Value) -> serde_json::Value {
@@ -133,7 +175,10 @@ fn api_configure_start_state_metrics_and_stop_event() {
             .spawn()
             .unwrap(),
     ));
-    assert!(wait_for_path(&sock, Duration::from_secs(10)), "API socket never appeared");
+    assert!(
+        wait_for_path(&sock, Duration::from_secs(10)),
+        "API socket never appeared"
+    );
     let mut api = Api::connect(&sock);
     let mut events = Api::connect(&sock);
 
@@ -141,8 +186,15 @@ fn api_configure_start_state_metrics_and_stop_event() {
     assert_eq!(state["result"]["state"], "not-configured", "{state}");
     let refused = api.call(serde_json::json!({"action": "start"}));
     assert_eq!(refused["ok"], false);
-    assert!(refused["error"].as_str().unwrap().contains("cannot start: VM is not-configured"), "{refused}");
-    let bad = api.call(serde_json::json!({"action": "configure", "config": {"boot": {"kernel": "/nope"}}}));
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot start: VM is not-configured"),
+        "{refused}"
+    );
+    let bad = api
+        .call(serde_json::json!({"action": "configure", "config": {"boot": {"kernel": "/nope"}}}));
     assert_eq!(bad["ok"], false);
     assert!(bad["error"].as_str().unwrap().contains("/nope"), "{bad}");
 

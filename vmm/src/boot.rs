@@ -12,8 +12,12 @@ use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
-use linux_loader::loader::{self, BzImage, Elf, KernelLoader, KernelLoaderResult, PvhBootCapability};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
+use linux_loader::loader::{
+    self, BzImage, Elf, KernelLoader, KernelLoaderResult, PvhBootCapability,
+};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
@@ -31,7 +35,10 @@ const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     #[error("cannot open kernel {path}: {source}")]
-    OpenKernel { path: PathBuf, source: std::io::Error },
+    OpenKernel {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("kernel {path} is neither a loadable vmlinux ELF nor a bzImage (ELF: {elf}; bzImage: {bzimage})")]
     BadKernel {
         path: PathBuf,
@@ -39,7 +46,10 @@ pub enum BootError {
         bzimage: loader::Error,
     },
     #[error("cannot read initrd {path}: {source}")]
-    ReadInitrd { path: PathBuf, source: std::io::Error },
+    ReadInitrd {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("initrd {path} ({size} bytes) does not fit in guest memory between the kernel end {kernel_end:#x} and {limit:#x}")]
     InitrdTooLarge {
         path: PathBuf,
@@ -69,8 +79,16 @@ fn low_ram_end(mem: &GuestMemoryMmap) -> u64 {
     mem.last_addr().raw_value().min(MMIO_GAP_START - 1) + 1
 }
 
-pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<(LoadedKernel, Option<boot_params>), BootError> {
-    let open = || File::open(path).map_err(|source| BootError::OpenKernel { path: path.to_owned(), source });
+pub fn load_kernel(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+) -> Result<(LoadedKernel, Option<boot_params>), BootError> {
+    let open = || {
+        File::open(path).map_err(|source| BootError::OpenKernel {
+            path: path.to_owned(),
+            source,
+        })
+    };
     let himem = Some(GuestAddress(HIMEM_START));
     let elf = Elf::load(mem, None, &mut open()?, himem);
     let result = match elf {
@@ -96,33 +114,59 @@ fn entry_for(result: &KernelLoaderResult) -> (LoadedKernel, Option<boot_params>)
         let mut params = boot_params::default();
         params.hdr = header;
         let entry = result.kernel_load.raw_value() + BZIMAGE_64BIT_ENTRY_OFFSET;
-        return (LoadedKernel { entry: EntryMode::Long64 { entry }, kernel_end }, Some(params));
+        return (
+            LoadedKernel {
+                entry: EntryMode::Long64 { entry },
+                kernel_end,
+            },
+            Some(params),
+        );
     }
     let entry = match result.pvh_boot_cap {
-        PvhBootCapability::PvhEntryPresent(addr) => EntryMode::Pvh { entry: addr.raw_value() },
-        _ => EntryMode::Long64 { entry: result.kernel_load.raw_value() },
+        PvhBootCapability::PvhEntryPresent(addr) => EntryMode::Pvh {
+            entry: addr.raw_value(),
+        },
+        _ => EntryMode::Long64 {
+            entry: result.kernel_load.raw_value(),
+        },
     };
     (LoadedKernel { entry, kernel_end }, None)
 }
 
 /// Places the initrd page-aligned at the top of low RAM.
-pub fn load_initrd(mem: &GuestMemoryMmap, path: &Path, kernel_end: u64) -> Result<(u64, u64), BootError> {
-    let data = std::fs::read(path).map_err(|source| BootError::ReadInitrd { path: path.to_owned(), source })?;
+pub fn load_initrd(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    kernel_end: u64,
+) -> Result<(u64, u64), BootError> {
+    let data = std::fs::read(path).map_err(|source| BootError::ReadInitrd {
+        path: path.to_owned(),
+        source,
+    })?;
     let size = data.len() as u64;
     let limit = low_ram_end(mem);
-    let too_large = || BootError::InitrdTooLarge { path: path.to_owned(), size, kernel_end, limit };
+    let too_large = || BootError::InitrdTooLarge {
+        path: path.to_owned(),
+        size,
+        kernel_end,
+        limit,
+    };
     let addr = limit.checked_sub(size).ok_or_else(too_large)? & !0xfff;
     if addr < kernel_end.max(HIMEM_START) {
         return Err(too_large());
     }
-    mem.write_slice(&data, GuestAddress(addr)).map_err(BootError::WriteInitrd)?;
+    mem.write_slice(&data, GuestAddress(addr))
+        .map_err(BootError::WriteInitrd)?;
     Ok((addr, size))
 }
 
 /// e820 map: low RAM up to the EBDA, the EBDA reserved, RAM from 1 MiB, and
 /// RAM above 4 GiB if any.
 pub fn e820_map(mem: &GuestMemoryMmap) -> Vec<(u64, u64, u32)> {
-    let mut map = vec![(0, EBDA_START, E820_RAM), (EBDA_START, 0xa0000 - EBDA_START, E820_RESERVED)];
+    let mut map = vec![
+        (0, EBDA_START, E820_RAM),
+        (EBDA_START, 0xa0000 - EBDA_START, E820_RESERVED),
+    ];
     let low_end = low_ram_end(mem);
     map.push((HIMEM_START, low_end - HIMEM_START, E820_RAM));
     let last = mem.last_addr().raw_value() + 1;
@@ -141,7 +185,8 @@ pub struct BootSetup<'a> {
 
 /// Writes the command line and the boot parameters for the entry protocol.
 pub fn write_boot_params(mem: &GuestMemoryMmap, setup: BootSetup<'_>) -> Result<(), BootError> {
-    loader::load_cmdline(mem, GuestAddress(CMDLINE_START), setup.cmdline).map_err(BootError::LoadCmdline)?;
+    loader::load_cmdline(mem, GuestAddress(CMDLINE_START), setup.cmdline)
+        .map_err(BootError::LoadCmdline)?;
     let cmdline_size = setup.cmdline.as_cstring()?.as_bytes_with_nul().len() as u32;
     match setup.kernel.entry {
         EntryMode::Pvh { .. } => write_pvh_start_info(mem, setup.initrd),
@@ -159,19 +204,32 @@ pub fn write_boot_params(mem: &GuestMemoryMmap, setup: BootSetup<'_>) -> Result<
             }
             let map = e820_map(mem);
             for (slot, (addr, size, kind)) in params.e820_table.iter_mut().zip(&map) {
-                *slot = boot_e820_entry { addr: *addr, size: *size, r#type: *kind };
+                *slot = boot_e820_entry {
+                    addr: *addr,
+                    size: *size,
+                    r#type: *kind,
+                };
             }
             params.e820_entries = map.len() as u8;
             let boot = BootParams::new::<boot_params>(&params, GuestAddress(ZERO_PAGE_START));
-            LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(&boot, mem).map_err(BootError::BootParams)
+            LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(&boot, mem)
+                .map_err(BootError::BootParams)
         }
     }
 }
 
-fn write_pvh_start_info(mem: &GuestMemoryMmap, initrd: Option<(u64, u64)>) -> Result<(), BootError> {
+fn write_pvh_start_info(
+    mem: &GuestMemoryMmap,
+    initrd: Option<(u64, u64)>,
+) -> Result<(), BootError> {
     let memmap: Vec<hvm_memmap_table_entry> = e820_map(mem)
         .into_iter()
-        .map(|(addr, size, kind)| hvm_memmap_table_entry { addr, size, type_: kind, reserved: 0 })
+        .map(|(addr, size, kind)| hvm_memmap_table_entry {
+            addr,
+            size,
+            type_: kind,
+            reserved: 0,
+        })
         .collect();
     let mut start_info = hvm_start_info {
         magic: XEN_HVM_START_MAGIC,
@@ -182,7 +240,11 @@ fn write_pvh_start_info(mem: &GuestMemoryMmap, initrd: Option<(u64, u64)>) -> Re
         ..Default::default()
     };
     let modules: Vec<hvm_modlist_entry> = initrd
-        .map(|(paddr, size)| hvm_modlist_entry { paddr, size, ..Default::default() })
+        .map(|(paddr, size)| hvm_modlist_entry {
+            paddr,
+            size,
+            ..Default::default()
+        })
         .into_iter()
         .collect();
     if !modules.is_empty() {
@@ -194,7 +256,8 @@ fn write_pvh_start_info(mem: &GuestMemoryMmap, initrd: Option<(u64, u64)>) -> Re
     if !modules.is_empty() {
         boot.set_modules::<hvm_modlist_entry>(&modules, GuestAddress(PVH_MODLIST_START));
     }
-    PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&boot, mem).map_err(BootError::BootParams)
+    PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&boot, mem)
+        .map_err(BootError::BootParams)
 }
 
 #[cfg(test)]
@@ -210,7 +273,10 @@ mod tests {
         let path = dir.join("garbage");
         std::fs::write(&path, vec![0x5au8; 4096]).unwrap();
         let err = load_kernel(&ram.memory, &path).unwrap_err().to_string();
-        assert!(err.contains("neither a loadable vmlinux ELF nor a bzImage"), "{err}");
+        assert!(
+            err.contains("neither a loadable vmlinux ELF nor a bzImage"),
+            "{err}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -249,7 +315,10 @@ mod tests {
         assert_eq!(info.magic, XEN_HVM_START_MAGIC);
         assert_eq!(info.nr_modules, 1);
         assert_eq!(info.memmap_entries, 3);
-        let module: hvm_modlist_entry = ram.memory.read_obj(GuestAddress(PVH_MODLIST_START)).unwrap();
+        let module: hvm_modlist_entry = ram
+            .memory
+            .read_obj(GuestAddress(PVH_MODLIST_START))
+            .unwrap();
         assert_eq!((module.paddr, module.size), (0x100_0000, 0x1000));
     }
 }

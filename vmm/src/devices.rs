@@ -11,7 +11,9 @@ use microvm_devices::interrupt::{EventFdTrigger, IrqTrigger};
 use microvm_devices::legacy::debug_port::{DEBUG_PORT_BASE, DEBUG_PORT_LEN};
 use microvm_devices::legacy::i8042::{I8042_DATA_PORT, I8042_PORT_LEN};
 use microvm_devices::legacy::serial::{COM1_IRQ, COM1_PORT, SERIAL_PORT_LEN};
-use microvm_devices::legacy::{DebugPort, DebugPortSink, I8042Sink, SerialDevice, SerialOutput, I8042};
+use microvm_devices::legacy::{
+    DebugPort, DebugPortSink, I8042Sink, SerialDevice, SerialOutput, I8042,
+};
 use microvm_devices::virtio::mmio::MmioTransport;
 use microvm_devices::virtio::VirtioDevice;
 use microvm_devices::virtio::VirtioInterrupt;
@@ -29,11 +31,17 @@ const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     #[error("cannot open serial output {path}: {source}")]
-    SerialOutput { path: PathBuf, source: std::io::Error },
+    SerialOutput {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot create an eventfd: {0}")]
     EventFd(#[source] std::io::Error),
     #[error("KVM {op} failed: {source}")]
-    Kvm { op: &'static str, source: kvm_ioctls::Error },
+    Kvm {
+        op: &'static str,
+        source: kvm_ioctls::Error,
+    },
     #[error("bus registration failed: {0:?}")]
     Bus(vm_device::bus::Error),
     #[error("{name}: {message}")]
@@ -79,7 +87,10 @@ pub struct GuestSinks {
 fn irq_trigger(vm: &VmFd, gsi: u32) -> Result<Arc<dyn IrqTrigger>, DeviceError> {
     let evt = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
     vm.register_irqfd(&evt, gsi)
-        .map_err(|source| DeviceError::Kvm { op: "KVM_IRQFD", source })?;
+        .map_err(|source| DeviceError::Kvm {
+            op: "KVM_IRQFD",
+            source,
+        })?;
     Ok(Arc::new(EventFdTrigger::new(evt)))
 }
 
@@ -93,7 +104,10 @@ fn serial_sink(config: &VmConfig) -> Result<Box<dyn Write + Send>, DeviceError> 
                 .create(true)
                 .append(true)
                 .open(path)
-                .map_err(|source| DeviceError::SerialOutput { path: path.clone(), source })?;
+                .map_err(|source| DeviceError::SerialOutput {
+                    path: path.clone(),
+                    source,
+                })?;
             Ok(Box::new(file))
         }
     }
@@ -102,12 +116,15 @@ fn serial_sink(config: &VmConfig) -> Result<Box<dyn Write + Send>, DeviceError> 
 /// Creates the virtio devices named in the config, in slot order: vsock,
 /// disks (in config order, so the first is /dev/vda), net, rng.
 pub fn create_virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSlot>, DeviceError> {
-    use microvm_devices::virtio::{block, rng};
+    use microvm_devices::virtio::{block, net, rng, vsock};
     let mut slots = Vec::new();
-    let fail = |name: &str, e: &dyn std::fmt::Display| DeviceError::Virtio { name: name.to_owned(), message: e.to_string() };
-    #[cfg(any())]
+    let fail = |name: &str, e: &dyn std::fmt::Display| DeviceError::Virtio {
+        name: name.to_owned(),
+        message: e.to_string(),
+    };
     if let Some(v) = &config.vsock {
-        let device = vsock::Vsock::new(v.guest_cid, v.uds_path.clone()).map_err(|e| fail("vsock", &e))?;
+        let device =
+            vsock::Vsock::new(v.guest_cid, v.uds_path.clone()).map_err(|e| fail("vsock", &e))?;
         slots.push(slot("vsock".into(), device));
     }
     for (index, disk) in config.disks.iter().enumerate() {
@@ -120,10 +137,12 @@ pub fn create_virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSlot>, Devic
         .map_err(|e| fail(&name, &e))?;
         slots.push(slot(name, device));
     }
-    #[cfg(any())]
     for (index, netcfg) in config.net.iter().enumerate() {
         let name = format!("net[{index}]");
-        let mac = netcfg.mac.as_deref().and_then(parse_mac);
+        let mac = match netcfg.mac.as_deref().and_then(parse_mac) {
+            Some(mac) => mac,
+            None => random_mac().map_err(|e| fail(&name, &e))?,
+        };
         let device = net::Net::with_tap(&netcfg.tap, mac).map_err(|e| fail(&name, &e))?;
         slots.push(slot(name, device));
     }
@@ -132,6 +151,15 @@ pub fn create_virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSlot>, Devic
         slots.push(slot("rng".into(), device));
     }
     Ok(slots)
+}
+
+/// A random locally administered unicast MAC (02:xx:xx:xx:xx:xx).
+fn random_mac() -> std::io::Result<[u8; 6]> {
+    use std::io::Read;
+    let mut mac = [0u8; 6];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut mac[1..])?;
+    mac[0] = 0x02;
+    Ok(mac)
 }
 
 pub fn build(
@@ -145,33 +173,59 @@ pub fn build(
     let bus_err = DeviceError::Bus;
 
     let serial_output = SerialOutput::new(serial_sink(config)?, config.serial.limit_bytes);
-    let serial = Arc::new(Mutex::new(SerialDevice::new(irq_trigger(vm, COM1_IRQ)?, serial_output)));
-    bus.register_pio(PioRange::new(PioAddress(COM1_PORT), SERIAL_PORT_LEN).map_err(bus_err)?, serial.clone())
-        .map_err(bus_err)?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        irq_trigger(vm, COM1_IRQ)?,
+        serial_output,
+    )));
+    bus.register_pio(
+        PioRange::new(PioAddress(COM1_PORT), SERIAL_PORT_LEN).map_err(bus_err)?,
+        serial.clone(),
+    )
+    .map_err(bus_err)?;
 
-    let i8042 = Arc::new(Mutex::new(I8042::new(irq_trigger(vm, KEYBOARD_IRQ)?, sinks.i8042)));
-    bus.register_pio(PioRange::new(PioAddress(I8042_DATA_PORT), I8042_PORT_LEN).map_err(bus_err)?, i8042.clone())
-        .map_err(bus_err)?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(
+        irq_trigger(vm, KEYBOARD_IRQ)?,
+        sinks.i8042,
+    )));
+    bus.register_pio(
+        PioRange::new(PioAddress(I8042_DATA_PORT), I8042_PORT_LEN).map_err(bus_err)?,
+        i8042.clone(),
+    )
+    .map_err(bus_err)?;
 
     let debug_port = Arc::new(Mutex::new(DebugPort::new(sinks.debug_port)));
-    bus.register_pio(PioRange::new(PioAddress(DEBUG_PORT_BASE), DEBUG_PORT_LEN).map_err(bus_err)?, debug_port)
-        .map_err(bus_err)?;
+    bus.register_pio(
+        PioRange::new(PioAddress(DEBUG_PORT_BASE), DEBUG_PORT_LEN).map_err(bus_err)?,
+        debug_port,
+    )
+    .map_err(bus_err)?;
 
     let mut slots = Vec::with_capacity(virtio.len());
     for (index, mut slot) in virtio.into_iter().enumerate() {
         slot.base = VIRTIO_MMIO_BASE + index as u64 * VIRTIO_MMIO_SIZE;
         slot.irq = VIRTIO_IRQ_BASE + index as u32;
         let interrupt = Arc::new(VirtioInterrupt::new(irq_trigger(vm, slot.irq)?));
-        let transport = MmioTransport::new(mem.clone(), slot.device.clone(), interrupt).map_err(|e| DeviceError::Virtio {
-            name: slot.name.clone(),
-            message: e.to_string(),
-        })?;
+        let transport =
+            MmioTransport::new(mem.clone(), slot.device.clone(), interrupt).map_err(|e| {
+                DeviceError::Virtio {
+                    name: slot.name.clone(),
+                    message: e.to_string(),
+                }
+            })?;
         for (queue, evt) in transport.queue_events().iter().enumerate() {
-            vm.register_ioevent(evt, &IoEventAddress::Mmio(slot.base + QUEUE_NOTIFY_OFFSET), queue as u32)
-                .map_err(|source| DeviceError::Kvm { op: "KVM_IOEVENTFD", source })?;
+            vm.register_ioevent(
+                evt,
+                &IoEventAddress::Mmio(slot.base + QUEUE_NOTIFY_OFFSET),
+                queue as u32,
+            )
+            .map_err(|source| DeviceError::Kvm {
+                op: "KVM_IOEVENTFD",
+                source,
+            })?;
         }
         let range = MmioRange::new(MmioAddress(slot.base), VIRTIO_MMIO_SIZE).map_err(bus_err)?;
-        bus.register_mmio(range, Arc::new(Mutex::new(transport))).map_err(bus_err)?;
+        bus.register_mmio(range, Arc::new(Mutex::new(transport)))
+            .map_err(bus_err)?;
         slots.push(slot);
     }
 

@@ -3,7 +3,10 @@
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use microvm_vmm::api::ApiServer;
-use microvm_vmm::config::{BootConfig, CpuTemplate, DiskConfig, MachineConfig, NetConfig, SerialConfig, VmConfig, VsockConfig};
+use microvm_vmm::config::{
+    BootConfig, CpuTemplate, DiskConfig, MachineConfig, NetConfig, SerialConfig, VmConfig,
+    VsockConfig,
+};
 use microvm_vmm::stop::ExitCode;
 use microvm_vmm::vmm::{error_chain, Vmm};
 use std::path::PathBuf;
@@ -90,25 +93,53 @@ fn config_from_flags(args: &Args) -> Option<VmConfig> {
         .disk
         .iter()
         .map(|spec| match spec.strip_suffix(":ro") {
-            Some(path) => DiskConfig { path: path.into(), read_only: true, serial: None },
-            None => DiskConfig { path: spec.into(), read_only: false, serial: None },
+            Some(path) => DiskConfig {
+                path: path.into(),
+                read_only: true,
+                serial: None,
+            },
+            None => DiskConfig {
+                path: spec.into(),
+                read_only: false,
+                serial: None,
+            },
         })
         .collect();
     Some(VmConfig {
         machine: MachineConfig {
             vcpus: args.vcpus,
             memory_mib: args.memory_mib,
-            cpu_template: if args.cpu_template == "baseline" { CpuTemplate::Baseline } else { CpuTemplate::Host },
+            cpu_template: if args.cpu_template == "baseline" {
+                CpuTemplate::Baseline
+            } else {
+                CpuTemplate::Host
+            },
         },
         boot: BootConfig {
             kernel,
             initrd: args.initrd.clone(),
-            cmdline: args.cmdline.clone().unwrap_or_else(|| microvm_vmm::config::boot::DEFAULT_CMDLINE.into()),
+            cmdline: args
+                .cmdline
+                .clone()
+                .unwrap_or_else(|| microvm_vmm::config::boot::DEFAULT_CMDLINE.into()),
         },
-        serial: SerialConfig { output: args.serial_output.clone(), ..Default::default() },
-        vsock: args.vsock_uds.clone().map(|uds_path| VsockConfig { guest_cid: args.vsock_cid, uds_path }),
+        serial: SerialConfig {
+            output: args.serial_output.clone(),
+            ..Default::default()
+        },
+        vsock: args.vsock_uds.clone().map(|uds_path| VsockConfig {
+            guest_cid: args.vsock_cid,
+            uds_path,
+        }),
         disks,
-        net: args.tap.iter().map(|tap| NetConfig { tap: tap.clone(), mac: None }).collect(),
+        net: args
+            .tap
+            .iter()
+            .map(|tap| NetConfig {
+                tap: tap.clone(),
+                mac: None,
+            })
+            .collect(),
         rng: !args.no_rng,
     })
 }
@@ -124,17 +155,23 @@ fn setup(args: &Args, process_start: Instant) -> Result<(Vmm, Option<ApiServer>)
     }
     let signal_stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(signal, signal_stop.clone()).context("cannot install signal handlers")?;
+        signal_hook::flag::register(signal, signal_stop.clone())
+            .context("cannot install signal handlers")?;
     }
     let mut vmm = Vmm::new(process_start, signal_stop)?;
     if let Some(config) = config {
-        vmm.configure(config).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+        vmm.configure(config)
+            .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
     }
     let api = match &args.api_sock {
         Some(path) => {
             let (server, calls) = ApiServer::start(path, vmm.wake_fd())?;
             vmm.set_api(calls);
-            tracing::info!("API socket ready at {} after {:.3} ms", path.display(), process_start.elapsed().as_secs_f64() * 1e3);
+            tracing::info!(
+                "API socket ready at {} after {:.3} ms",
+                path.display(),
+                process_start.elapsed().as_secs_f64() * 1e3
+            );
             Some(server)
         }
         None => None,

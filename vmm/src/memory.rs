@@ -48,7 +48,9 @@ pub fn create_guest_memory(size: u64) -> Result<GuestRam, MemoryError> {
         let len_usize = usize::try_from(len).map_err(|_| MemoryError::Regions)?;
         let mapping = MmapRegion::from_file(FileOffset::new(file, file_offset), len_usize)
             .map_err(MemoryError::Mmap)?;
-        regions.push(GuestRegionMmap::new(mapping, GuestAddress(guest_base)).ok_or(MemoryError::Regions)?);
+        regions.push(
+            GuestRegionMmap::new(mapping, GuestAddress(guest_base)).ok_or(MemoryError::Regions)?,
+        );
         file_offset += len;
     }
     let memory = GuestMemoryMmap::from_regions(regions).map_err(|_| MemoryError::Regions)?;
@@ -68,10 +70,22 @@ mod tests {
     fn memory_is_memfd_backed_and_usable() {
         let ram = create_guest_memory(32 << 20).unwrap();
         assert_eq!(ram.memory.num_regions(), 1);
-        ram.memory.write_obj(0xdead_beefu32, GuestAddress(0x1000)).unwrap();
-        assert_eq!(ram.memory.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xdead_beef);
-        let link = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&ram.memfd))).unwrap();
-        assert!(link.to_string_lossy().contains("memfd:microvm-guest-ram"), "{link:?}");
+        ram.memory
+            .write_obj(0xdead_beefu32, GuestAddress(0x1000))
+            .unwrap();
+        assert_eq!(
+            ram.memory.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef
+        );
+        let link = std::fs::read_link(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&ram.memfd)
+        ))
+        .unwrap();
+        assert!(
+            link.to_string_lossy().contains("memfd:microvm-guest-ram"),
+            "{link:?}"
+        );
         let total: u64 = ram.memory.iter().map(|r| r.len()).sum();
         assert_eq!(total, 32 << 20);
     }

@@ -26,20 +26,30 @@ pub enum ExitCode {
 #[serde(tag = "reason", rename_all = "kebab-case")]
 pub enum StopReason {
     /// The guest wrote its status to the shutdown port.
-    GuestShutdown { status: u8 },
+    GuestShutdown {
+        status: u8,
+    },
     GuestReboot,
     TripleFault,
     /// KVM refused or failed to run guest code.
-    GuestUnrunnable { detail: String },
+    GuestUnrunnable {
+        detail: String,
+    },
     /// `shutdown` over the API or SIGTERM/SIGINT.
-    ShutdownRequested { graceful: bool },
-    VmmError { detail: String },
+    ShutdownRequested {
+        graceful: bool,
+    },
+    VmmError {
+        detail: String,
+    },
 }
 
 impl StopReason {
     pub fn exit_code(&self) -> ExitCode {
         match self {
-            StopReason::GuestShutdown { status: 0 } | StopReason::ShutdownRequested { .. } => ExitCode::Ok,
+            StopReason::GuestShutdown { status: 0 } | StopReason::ShutdownRequested { .. } => {
+                ExitCode::Ok
+            }
             StopReason::GuestShutdown { .. } => ExitCode::GuestFailure,
             StopReason::GuestReboot => ExitCode::GuestReboot,
             StopReason::TripleFault => ExitCode::TripleFault,
@@ -52,12 +62,20 @@ impl StopReason {
 impl std::fmt::Display for StopReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            StopReason::GuestShutdown { status } => write!(f, "guest shut down with status {status}"),
+            StopReason::GuestShutdown { status } => {
+                write!(f, "guest shut down with status {status}")
+            }
             StopReason::GuestReboot => write!(f, "guest rebooted"),
             StopReason::TripleFault => write!(f, "guest triple-faulted"),
-            StopReason::GuestUnrunnable { detail } => write!(f, "KVM cannot run the guest: {detail}"),
-            StopReason::ShutdownRequested { graceful: true } => write!(f, "graceful shutdown requested"),
-            StopReason::ShutdownRequested { graceful: false } => write!(f, "forced shutdown requested"),
+            StopReason::GuestUnrunnable { detail } => {
+                write!(f, "KVM cannot run the guest: {detail}")
+            }
+            StopReason::ShutdownRequested { graceful: true } => {
+                write!(f, "graceful shutdown requested")
+            }
+            StopReason::ShutdownRequested { graceful: false } => {
+                write!(f, "forced shutdown requested")
+            }
             StopReason::VmmError { detail } => write!(f, "VMM error: {detail}"),
         }
     }
@@ -74,6 +92,9 @@ mod tests {
         assert_eq!(StopReason::GuestReboot.exit_code() as u8, 4);
         assert_eq!(StopReason::TripleFault.exit_code() as u8, 5);
         let json = serde_json::to_value(StopReason::GuestShutdown { status: 2 }).unwrap();
-        assert_eq!(json, serde_json::json!({"reason": "guest-shutdown", "status": 2}));
+        assert_eq!(
+            json,
+            serde_json::json!({"reason": "guest-shutdown", "status": 2})
+        );
     }
 }

@@ -86,7 +86,9 @@ pub fn handle_kvm_exit(exit: VcpuExit<'_>, bus: &IoManager, metrics: &ExitMetric
         VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _) => {
             ExitAction::Stop(StopReason::GuestShutdown { status: 0 })
         }
-        VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _) => ExitAction::Stop(StopReason::GuestReboot),
+        VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _) => {
+            ExitAction::Stop(StopReason::GuestReboot)
+        }
         VcpuExit::FailEntry(reason, cpu) => ExitAction::Stop(StopReason::GuestUnrunnable {
             detail: format!("VM entry failed on host CPU {cpu}, hardware reason {reason:#x}"),
         }),
@@ -181,7 +183,8 @@ pub fn kick_signal() -> libc::c_int {
 
 /// Installs the no-op handler whose only job is to interrupt KVM_RUN.
 pub fn register_kick_handler() -> std::io::Result<()> {
-    register_signal_handler(kick_signal(), handle_kick).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    register_signal_handler(kick_signal(), handle_kick)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
 }
 
 impl VcpuHandle {
@@ -278,7 +281,8 @@ mod tests {
     fn bus() -> (IoManager, Arc<StdMutex<Recorder>>) {
         let mut bus = IoManager::new();
         let dev = Arc::new(StdMutex::new(Recorder(Vec::new())));
-        bus.register_pio(PioRange::new(PioAddress(0x3f8), 8).unwrap(), dev.clone()).unwrap();
+        bus.register_pio(PioRange::new(PioAddress(0x3f8), 8).unwrap(), dev.clone())
+            .unwrap();
         let _ = MmioRange::new(MmioAddress(0), 1);
         (bus, dev)
     }
@@ -287,7 +291,10 @@ mod tests {
     fn port_io_reaches_the_device_and_unknown_ports_read_ff() {
         let (bus, dev) = bus();
         let metrics = ExitMetrics::default();
-        assert_eq!(handle_kvm_exit(VcpuExit::IoOut(0x3f9, &[7]), &bus, &metrics), ExitAction::Continue);
+        assert_eq!(
+            handle_kvm_exit(VcpuExit::IoOut(0x3f9, &[7]), &bus, &metrics),
+            ExitAction::Continue
+        );
         assert_eq!(dev.lock().unwrap().0, vec![(1, vec![7])]);
         let mut data = [0u8; 1];
         handle_kvm_exit(VcpuExit::IoIn(0x3fa, &mut data), &bus, &metrics);
@@ -306,7 +313,11 @@ mod tests {
         let mut data = [0xaau8; 4];
         handle_kvm_exit(VcpuExit::MmioRead(0xd000_0000, &mut data), &bus, &metrics);
         assert_eq!(data, [0; 4]);
-        handle_kvm_exit(VcpuExit::MmioWrite(0xd000_0000, &[1, 2, 3, 4]), &bus, &metrics);
+        handle_kvm_exit(
+            VcpuExit::MmioWrite(0xd000_0000, &[1, 2, 3, 4]),
+            &bus,
+            &metrics,
+        );
         assert_eq!(metrics.unhandled_mmio.get(), 2);
     }
 
@@ -314,9 +325,16 @@ mod tests {
     fn stop_exits_map_to_reasons() {
         let (bus, _) = bus();
         let metrics = ExitMetrics::default();
-        assert_eq!(handle_kvm_exit(VcpuExit::Shutdown, &bus, &metrics), ExitAction::Stop(StopReason::TripleFault));
         assert_eq!(
-            handle_kvm_exit(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, &[]), &bus, &metrics),
+            handle_kvm_exit(VcpuExit::Shutdown, &bus, &metrics),
+            ExitAction::Stop(StopReason::TripleFault)
+        );
+        assert_eq!(
+            handle_kvm_exit(
+                VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, &[]),
+                &bus,
+                &metrics
+            ),
             ExitAction::Stop(StopReason::GuestReboot)
         );
         assert!(matches!(

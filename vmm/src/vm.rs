@@ -1,6 +1,8 @@
 //! One VM: the KVM objects, guest memory, devices and vCPU threads.
 
-use crate::arch::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS, CMDLINE_MAX_SIZE, VIRTIO_MMIO_SIZE};
+use crate::arch::layout::{
+    CMDLINE_MAX_SIZE, KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS, VIRTIO_MMIO_SIZE,
+};
 use crate::arch::regs::{self, EntryMode};
 use crate::arch::{cpuid, mptable};
 use crate::boot::{self, BootSetup};
@@ -9,7 +11,9 @@ use crate::devices::{self, Devices, GuestSinks, VirtioSlot};
 use crate::memory::{create_guest_memory, GuestRam};
 use crate::stop::StopReason;
 use crate::vcpu::{self, ExitMetrics, RunControl, VcpuContext, VcpuHandle};
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use linux_loader::cmdline::Cmdline;
 use std::sync::Arc;
@@ -21,7 +25,10 @@ pub enum VmError {
     #[error("cannot open /dev/kvm: {0}")]
     OpenKvm(#[source] kvm_ioctls::Error),
     #[error("KVM {op} failed: {source}")]
-    Kvm { op: &'static str, source: kvm_ioctls::Error },
+    Kvm {
+        op: &'static str,
+        source: kvm_ioctls::Error,
+    },
     #[error(transparent)]
     Memory(#[from] crate::memory::MemoryError),
     #[error(transparent)]
@@ -85,10 +92,16 @@ impl Vm {
         let virtio = devices::create_virtio_devices(config)?;
         let devices = devices::build(config, &vm_fd, &ram.memory, sinks, virtio)?;
 
-        let mut cmdline = Cmdline::try_from(&config.boot.cmdline, CMDLINE_MAX_SIZE).map_err(boot::BootError::Cmdline)?;
+        let mut cmdline = Cmdline::try_from(&config.boot.cmdline, CMDLINE_MAX_SIZE)
+            .map_err(boot::BootError::Cmdline)?;
         for slot in &devices.virtio {
             cmdline
-                .add_virtio_mmio_device(VIRTIO_MMIO_SIZE, vm_memory::GuestAddress(slot.base), slot.irq, None)
+                .add_virtio_mmio_device(
+                    VIRTIO_MMIO_SIZE,
+                    vm_memory::GuestAddress(slot.base),
+                    slot.irq,
+                    None,
+                )
                 .map_err(boot::BootError::Cmdline)?;
         }
         mptable::write(&ram.memory, config.machine.vcpus)?;
@@ -196,7 +209,12 @@ impl Vm {
                 (slot.name.clone(), metrics)
             })
             .collect();
-        let serial = self.devices.serial.lock().map(|s| s.metrics()).unwrap_or_default();
+        let serial = self
+            .devices
+            .serial
+            .lock()
+            .map(|s| s.metrics())
+            .unwrap_or_default();
         serde_json::json!({
             "exits": &*self.exit_metrics,
             "serial": serial,
@@ -225,7 +243,8 @@ fn register_memory(vm_fd: &VmFd, ram: &GuestRam) -> Result<(), VmError> {
         };
         // SAFETY: the region is a live mapping owned by `ram`, which the `Vm`
         // keeps alive for as long as the VM fd exists (field order in `Vm`).
-        unsafe { vm_fd.set_user_memory_region(mem_region) }.map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
+        unsafe { vm_fd.set_user_memory_region(mem_region) }
+            .map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(())
 }
@@ -246,7 +265,9 @@ fn create_vcpus(
     let count = config.machine.vcpus;
     let mut vcpus = Vec::with_capacity(usize::from(count));
     for id in 0..count {
-        let fd = vm_fd.create_vcpu(u64::from(id)).map_err(kvm("KVM_CREATE_VCPU"))?;
+        let fd = vm_fd
+            .create_vcpu(u64::from(id))
+            .map_err(kvm("KVM_CREATE_VCPU"))?;
         let mut cpuid = supported_cpuid.clone();
         cpuid::normalize(&mut cpuid, id, count, config.machine.cpu_template);
         fd.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
@@ -258,7 +279,8 @@ fn create_vcpus(
             let sregs = fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
             let sregs = regs::boot_sregs(&ram.memory, entry, sregs)?;
             fd.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
-            fd.set_regs(&regs::boot_regs(entry)).map_err(kvm("KVM_SET_REGS"))?;
+            fd.set_regs(&regs::boot_regs(entry))
+                .map_err(kvm("KVM_SET_REGS"))?;
         }
         vcpus.push((id, fd));
     }

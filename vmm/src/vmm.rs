@@ -138,7 +138,9 @@ impl Vmm {
 
     pub fn start(&mut self) -> Result<(), VmmError> {
         let Some(config) = &self.config else {
-            return Err(VmmError::Vm(VmError::Spawn(std::io::Error::other("not configured"))));
+            return Err(VmmError::Vm(VmError::Spawn(std::io::Error::other(
+                "not configured",
+            ))));
         };
         let notify = self.notifier();
         let process_start = self.process_start;
@@ -146,7 +148,9 @@ impl Vmm {
         let i8042_notify = notify.clone();
         let sinks = GuestSinks {
             debug_port: Arc::new(move |event| match event {
-                DebugPortEvent::BootTimer => debug_notify(VmEvent::BootTimer(process_start.elapsed())),
+                DebugPortEvent::BootTimer => {
+                    debug_notify(VmEvent::BootTimer(process_start.elapsed()))
+                }
                 DebugPortEvent::Shutdown { status } => {
                     debug_notify(VmEvent::Stop(StopReason::GuestShutdown { status }))
                 }
@@ -192,12 +196,14 @@ impl Vmm {
             self.drain_vm_events();
             self.drain_api_calls();
             if self.signal_stop.load(Ordering::Relaxed) {
-                self.stop.get_or_insert(StopReason::ShutdownRequested { graceful: false });
+                self.stop
+                    .get_or_insert(StopReason::ShutdownRequested { graceful: false });
             }
             if let Some(deadline) = self.graceful_deadline {
                 if Instant::now() >= deadline {
                     tracing::warn!("guest did not shut down in time; forcing");
-                    self.stop.get_or_insert(StopReason::ShutdownRequested { graceful: true });
+                    self.stop
+                        .get_or_insert(StopReason::ShutdownRequested { graceful: true });
                 }
             }
             if let Some(reason) = self.stop.clone() {
@@ -298,7 +304,10 @@ impl Vmm {
                 }
                 _ => self.refuse("resume"),
             },
-            Request::Shutdown { graceful, timeout_ms } => self.shutdown(graceful, timeout_ms),
+            Request::Shutdown {
+                graceful,
+                timeout_ms,
+            } => self.shutdown(graceful, timeout_ms),
             Request::State {} => Response::ok(serde_json::json!({
                 "state": self.state,
                 "boot_time_ms": self.boot_time.map(|d| d.as_secs_f64() * 1e3),
@@ -326,10 +335,13 @@ impl Vmm {
                 }
                 let timeout = Duration::from_millis(timeout_ms.unwrap_or(5000));
                 self.graceful_deadline = Some(Instant::now() + timeout);
-                Response::ok(serde_json::json!({"state": self.state, "graceful_timeout_ms": timeout.as_millis() as u64}))
+                Response::ok(
+                    serde_json::json!({"state": self.state, "graceful_timeout_ms": timeout.as_millis() as u64}),
+                )
             }
             _ => {
-                self.stop.get_or_insert(StopReason::ShutdownRequested { graceful: false });
+                self.stop
+                    .get_or_insert(StopReason::ShutdownRequested { graceful: false });
                 Response::ok(serde_json::json!({"state": "stopping"}))
             }
         }

@@ -40,7 +40,11 @@ fn main() -> Result<()> {
     print!("{}", std::fs::read_to_string(&console).unwrap_or_default());
     println!("--- microvm-vmm log ---");
     print!("{}", done.stderr);
-    println!("--- exit status {:?} after {:.1} ms ---", done.code(), done.elapsed.as_secs_f64() * 1e3);
+    println!(
+        "--- exit status {:?} after {:.1} ms ---",
+        done.code(),
+        done.elapsed.as_secs_f64() * 1e3
+    );
     let written = std::fs::read(&disk)?;
     println!(
         "disk sector 1 now starts with {:?}",

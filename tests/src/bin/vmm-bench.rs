@@ -22,7 +22,11 @@ struct Options {
 }
 
 fn parse_args() -> Result<Options> {
-    let mut options = Options { runs: 20, accel: "kvm".into(), qemu: true };
+    let mut options = Options {
+        runs: 20,
+        accel: "kvm".into(),
+        qemu: true,
+    };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -49,7 +53,11 @@ fn mkfifo(path: &Path) -> Result<()> {
     let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
     // SAFETY: `c_path` is a valid NUL-terminated path; mkfifo does not keep it.
     if unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) } != 0 {
-        bail!("mkfifo {}: {}", path.display(), std::io::Error::last_os_error());
+        bail!(
+            "mkfifo {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
     }
     Ok(())
 }
@@ -58,7 +66,11 @@ fn mkfifo(path: &Path) -> Result<()> {
 /// spawn to the first byte the guest printed.
 fn time_to_first_serial_byte(mut cmd: Command, fifo: &Path) -> Result<Duration> {
     let start = Instant::now();
-    let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
     let _guard = ChildGuard(Some(child));
     // Opening blocks until the VMM opens the write side.
     let mut reader = File::open(fifo)?;
@@ -73,7 +85,11 @@ fn time_to_first_serial_byte(mut cmd: Command, fifo: &Path) -> Result<Duration> 
 
 fn time_to_socket(mut cmd: Command, sock: &Path) -> Result<Duration> {
     let start = Instant::now();
-    let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
     let _guard = ChildGuard(Some(child));
     let deadline = start + Duration::from_secs(10);
     while Instant::now() < deadline {
@@ -93,12 +109,19 @@ fn rss_outside_guest_kib(pid: u32) -> Result<u64> {
     let mut in_guest_ram = false;
     for line in smaps.lines() {
         let first = line.split_whitespace().next().unwrap_or("");
-        let is_mapping_header = first.contains('-') && first.chars().all(|c| c == '-' || c.is_ascii_hexdigit());
+        let is_mapping_header =
+            first.contains('-') && first.chars().all(|c| c == '-' || c.is_ascii_hexdigit());
         if is_mapping_header {
-            in_guest_ram = line.contains("/memfd:microvm-guest-ram") || line.contains("/memfd:mem ");
+            in_guest_ram =
+                line.contains("/memfd:microvm-guest-ram") || line.contains("/memfd:mem ");
         } else if let Some(kib) = line.strip_prefix("Rss:") {
             if !in_guest_ram {
-                total += kib.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0);
+                total += kib
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap_or(0);
             }
         }
     }
@@ -126,7 +149,13 @@ fn ours(probe: PathBuf) -> Subject {
         first_byte: Box::new(move |dir| {
             let mut cmd = Command::new(&v1);
             cmd.args([OsString::from("--kernel"), p1.clone().into()])
-                .args(["--cmdline", "probe.quick=1", "--no-rng", "--log-level", "error"])
+                .args([
+                    "--cmdline",
+                    "probe.quick=1",
+                    "--no-rng",
+                    "--log-level",
+                    "error",
+                ])
                 .args([OsString::from("--serial-output"), dir.join("serial").into()]);
             Ok(cmd)
         }),
@@ -139,9 +168,18 @@ fn ours(probe: PathBuf) -> Subject {
         idle: Box::new(move |dir| {
             let mut cmd = Command::new(&v3);
             cmd.args([OsString::from("--kernel"), p2.clone().into()])
-                .args(["--cmdline", "probe.quick=1 probe.idle=1", "--no-rng", "--log-level", "error"])
+                .args([
+                    "--cmdline",
+                    "probe.quick=1 probe.idle=1",
+                    "--no-rng",
+                    "--log-level",
+                    "error",
+                ])
                 .args(["--memory-mib", "128", "--vcpus", "1"])
-                .args([OsString::from("--serial-output"), dir.join("idle.log").into()]);
+                .args([
+                    OsString::from("--serial-output"),
+                    dir.join("idle.log").into(),
+                ]);
             cmd
         }),
     }
@@ -169,8 +207,16 @@ fn qemu(probe: PathBuf, accel: String) -> Subject {
         ]);
         cmd.args(["-accel", &accel]);
         cmd.args(["-cpu", if accel == "kvm" { "host" } else { "max" }]);
-        cmd.args([OsString::from("-kernel"), probe.into(), "-append".into(), cmdline.into()]);
-        cmd.args([OsString::from("-chardev"), format!("file,id=s0,path={}", serial.display()).into()]);
+        cmd.args([
+            OsString::from("-kernel"),
+            probe.into(),
+            "-append".into(),
+            cmdline.into(),
+        ]);
+        cmd.args([
+            OsString::from("-chardev"),
+            format!("file,id=s0,path={}", serial.display()).into(),
+        ]);
         cmd.args(["-serial", "chardev:s0"]);
         cmd
     };
@@ -181,8 +227,15 @@ fn qemu(probe: PathBuf, accel: String) -> Subject {
         name: "qemu",
         first_byte: Box::new(move |dir| Ok(b1(&p1, "probe.quick=1", &dir.join("serial")))),
         socket: Box::new(move |dir| {
-            let mut cmd = b2(&p2, "probe.quick=1 probe.idle=1", &dir.join("qemu-serial.log"));
-            cmd.args([OsString::from("-qmp"), format!("unix:{},server=on,wait=off", dir.join("api.sock").display()).into()]);
+            let mut cmd = b2(
+                &p2,
+                "probe.quick=1 probe.idle=1",
+                &dir.join("qemu-serial.log"),
+            );
+            cmd.args([
+                OsString::from("-qmp"),
+                format!("unix:{},server=on,wait=off", dir.join("api.sock").display()).into(),
+            ]);
             cmd
         }),
         idle: Box::new(move |dir| b3(&p3, "probe.quick=1 probe.idle=1", &dir.join("idle.log"))),
@@ -201,16 +254,29 @@ fn measure(subject: &Subject, runs: usize) -> Result<Figures> {
     for _ in 0..runs {
         let dir = TempDir::new("bench");
         mkfifo(&dir.join("serial"))?;
-        first.push(time_to_first_serial_byte((subject.first_byte)(&dir)?, &dir.join("serial"))?.as_secs_f64() * 1e3);
-        socket.push(time_to_socket((subject.socket)(&dir), &dir.join("api.sock"))?.as_secs_f64() * 1e3);
+        first.push(
+            time_to_first_serial_byte((subject.first_byte)(&dir)?, &dir.join("serial"))?
+                .as_secs_f64()
+                * 1e3,
+        );
+        socket.push(
+            time_to_socket((subject.socket)(&dir), &dir.join("api.sock"))?.as_secs_f64() * 1e3,
+        );
     }
     let dir = TempDir::new("bench-rss");
-    let child = (subject.idle)(&dir).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    let child = (subject.idle)(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
     let pid = child.id();
     let _guard = ChildGuard(Some(child));
     let log = dir.join("idle.log");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !std::fs::read_to_string(&log).unwrap_or_default().contains("probe: idle") {
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("probe: idle")
+    {
         if Instant::now() > deadline {
             bail!("{}: the probe never reached its idle loop", subject.name);
         }
@@ -218,7 +284,11 @@ fn measure(subject: &Subject, runs: usize) -> Result<Figures> {
     }
     std::thread::sleep(Duration::from_millis(200));
     let rss_kib = rss_outside_guest_kib(pid)?;
-    Ok(Figures { first_byte_ms: median(first), socket_ms: median(socket), rss_kib })
+    Ok(Figures {
+        first_byte_ms: median(first),
+        socket_ms: median(socket),
+        rss_kib,
+    })
 }
 
 fn main() -> Result<()> {
@@ -237,15 +307,41 @@ fn main() -> Result<()> {
         None
     };
     println!();
-    println!("probe guest, {} runs each, medians; QEMU with -M microvm -accel {}", options.runs, options.accel);
-    println!("{:<42} {:>14} {:>14} {:>10}", "metric", "microvm-vmm", "qemu", "ours/qemu");
+    println!(
+        "probe guest, {} runs each, medians; QEMU with -M microvm -accel {}",
+        options.runs, options.accel
+    );
+    println!(
+        "{:<42} {:>14} {:>14} {:>10}",
+        "metric", "microvm-vmm", "qemu", "ours/qemu"
+    );
     let row = |name: &str, ours: f64, qemu: Option<f64>, unit: &str| {
-        let q = qemu.map(|q| format!("{q:.2} {unit}")).unwrap_or_else(|| "-".into());
-        let ratio = qemu.map(|q| format!("{:.3}", ours / q)).unwrap_or_else(|| "-".into());
-        println!("{:<42} {:>14} {:>14} {:>10}", name, format!("{ours:.2} {unit}"), q, ratio);
+        let q = qemu
+            .map(|q| format!("{q:.2} {unit}"))
+            .unwrap_or_else(|| "-".into());
+        let ratio = qemu
+            .map(|q| format!("{:.3}", ours / q))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<42} {:>14} {:>14} {:>10}",
+            name,
+            format!("{ours:.2} {unit}"),
+            q,
+            ratio
+        );
     };
-    row("start to first guest serial byte", ours_figures.first_byte_ms, qemu_figures.as_ref().map(|q| q.first_byte_ms), "ms");
-    row("start to control socket ready", ours_figures.socket_ms, qemu_figures.as_ref().map(|q| q.socket_ms), "ms");
+    row(
+        "start to first guest serial byte",
+        ours_figures.first_byte_ms,
+        qemu_figures.as_ref().map(|q| q.first_byte_ms),
+        "ms",
+    );
+    row(
+        "start to control socket ready",
+        ours_figures.socket_ms,
+        qemu_figures.as_ref().map(|q| q.socket_ms),
+        "ms",
+    );
     row(
         "RSS outside guest memory (1 vCPU, 128 MiB)",
         ours_figures.rss_kib as f64 / 1024.0,

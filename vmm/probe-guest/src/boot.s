@@ -35,6 +35,8 @@
 
     .equ BOOT_KIND_PVH, 1
     .equ BOOT_KIND_LINUX64, 2
+/* Must match HALT_MAGIC in src/probe.rs. */
+    .equ HALT_MAGIC, 0x484c5421
 
 /* ---------------------------------------------------------------------- */
 /* Xen PVH note: XEN_ELFNOTE_PHYS32_ENTRY (18). The descriptor is 8 bytes
@@ -155,6 +157,11 @@ fault_stub_\vector:
  * ring-3 reporter probe_fault(frame, cr2) on its own stack. A fault while
  * reporting (depth > 1) halts right here instead. */
 fault_common:
+    cmpq $6, (%rsp)
+    jne 5f
+    cmpl $HALT_MAGIC, %eax
+    je halt_forever
+5:
     incl fault_depth
     cmpl $1, fault_depth
     jne fault_halt
@@ -187,7 +194,9 @@ fault_halt:
     outb %al, %dx
     movb $0xfe, %al
     outb %al, $0x64
-/* Vector 32 (DPL 3): ring 3's way to halt for good after asking for shutdown. */
+/* Ring 3 halts for good with `ud2` and EAX = HALT_MAGIC (software interrupts
+ * from ring 3 raise #UD on a PVM host, so no DPL-3 gate). IF=0: nothing wakes
+ * the vCPU. */
 halt_forever:
     cli
     hlt
@@ -219,9 +228,6 @@ fault_stub_table:
     .irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
     .quad fault_stub_\v
     .endr
-    .globl halt_gate_entry
-halt_gate_entry:
-    .quad halt_forever
 
 /* ---------------------------------------------------------------------- */
     .section .data.pagetables, "aw"
@@ -273,7 +279,7 @@ gdt_ptr:
     .word gdt_end - gdt - 1
     .quad gdt
 idt_ptr:
-    .word 33 * 16 - 1
+    .word 32 * 16 - 1
     .quad probe_idt
 
     .balign 16
@@ -298,7 +304,7 @@ fault_depth:
     .balign 4096
     .globl probe_idt
 probe_idt:
-    .skip 33 * 16
+    .skip 32 * 16
 
     .section .stack, "aw", @nobits
     .balign 16

@@ -78,15 +78,13 @@ bcmp:
     options(att_syntax)
 );
 
-const IDT_ENTRIES: usize = 33;
+const IDT_ENTRIES: usize = 32;
 const KERNEL_CS: u16 = 0x08;
-const HALT_VECTOR: usize = 32;
 
 extern "C" {
     /// Zeroed at boot; filled here, from ring 3 (every page is USER).
     static mut probe_idt: [u8; IDT_ENTRIES * 16];
-    static fault_stub_table: [u64; 32];
-    static halt_gate_entry: u64;
+    static fault_stub_table: [u64; IDT_ENTRIES];
 }
 
 /// What `fault_common` in boot.s hands over.
@@ -130,14 +128,12 @@ fn panic(info: &PanicInfo) -> ! {
     shutdown(1)
 }
 
-/// Interrupt gates: vectors 0-31 to the fault stubs (DPL 0), vector 32 to the
-/// halt loop (DPL 3, so ring 3 may `int` it).
+/// Interrupt gates for the exception vectors 0-31, to the fault stubs.
 fn install_idt() {
-    // SAFETY: link-time constant tables from boot.s, never written.
-    let (stubs, halt) = unsafe { (fault_stub_table, halt_gate_entry) };
-    for vector in 0..IDT_ENTRIES {
-        let (handler, dpl) = if vector == HALT_VECTOR { (halt, 3) } else { (stubs[vector], 0) };
-        let gate = interrupt_gate(handler, dpl);
+    // SAFETY: a link-time constant table from boot.s, never written.
+    let stubs = unsafe { fault_stub_table };
+    for (vector, &handler) in stubs.iter().enumerate() {
+        let gate = interrupt_gate(handler);
         for (i, byte) in gate.iter().enumerate() {
             // SAFETY: in bounds of the IDT; nothing else uses it until a
             // fault, and the CPU reads it only then.
@@ -146,12 +142,12 @@ fn install_idt() {
     }
 }
 
-fn interrupt_gate(handler: u64, dpl: u8) -> [u8; 16] {
+fn interrupt_gate(handler: u64) -> [u8; 16] {
     let mut gate = [0u8; 16];
     gate[0..2].copy_from_slice(&(handler as u16).to_le_bytes());
     gate[2..4].copy_from_slice(&KERNEL_CS.to_le_bytes());
-    // Present, 64-bit interrupt gate (IF cleared on entry), no IST.
-    gate[5] = 0x8e | (dpl << 5);
+    // Present, DPL 0, 64-bit interrupt gate (IF cleared on entry), no IST.
+    gate[5] = 0x8e;
     gate[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
     gate[8..12].copy_from_slice(&((handler >> 32) as u32).to_le_bytes());
     gate

@@ -1,5 +1,9 @@
 //! The probe's steps, in order: hello and boot timer, boot info, device
 //! discovery, vsock, blk, verdict and shutdown.
+//!
+//! Command-line switches: `probe.quick=1` stops right after the boot timer
+//! (start-up benchmark); `probe.idle=1` halts instead of shutting down at the
+//! end (memory benchmark of an idle VM).
 
 use crate::bootinfo::{self, BootKind};
 use crate::cmdline;
@@ -36,9 +40,9 @@ pub unsafe fn run(kind: u64, info: u64) -> ! {
     unsafe { outb(pio::DEBUG_BOOT_TIMER, pio::BOOT_TIMER_MAGIC) };
     // SAFETY: the entry stub passed the loader's pointer; 0-4 GiB is mapped.
     let boot = unsafe { bootinfo::parse(BootKind::from_raw(kind), info) };
+    let idle = cmdline::has_param(boot.cmdline, b"probe.idle=1");
     if cmdline::has_param(boot.cmdline, b"probe.quick=1") {
-        say!("done status=0");
-        shutdown(0);
+        finish(0, idle);
     }
     say!("boot {} ram={}MiB", boot.kind.name(), boot.ram_bytes >> 20);
     if let Some(problem) = boot.problem {
@@ -58,7 +62,16 @@ pub unsafe fn run(kind: u64, info: u64) -> ! {
         Some(found) => failed |= step("blk", found, |mmio| blk::run(mmio)),
         None => say!("blk absent"),
     }
-    let status = u8::from(failed);
+    finish(u8::from(failed), idle)
+}
+
+/// Reports the verdict and shuts down, or with `probe.idle=1` stays up,
+/// halted, so a benchmark can measure an idle VM.
+fn finish(status: u8, idle: bool) -> ! {
+    if idle {
+        say!("idle status={}", status);
+        halt_forever();
+    }
     say!("done status={}", status);
     shutdown(status)
 }
@@ -124,8 +137,18 @@ pub fn shutdown(status: u8) -> ! {
         outb(pio::DEBUG_SHUTDOWN, status);
         outb(pio::I8042_COMMAND, pio::I8042_RESET_CPU);
     }
+    halt_forever()
+}
+
+/// Tells boot.s's #UD handler that a `ud2` is a request to halt.
+pub const HALT_MAGIC: u32 = 0x484c_5421;
+
+/// Halts the vCPU for good (IF=0, so nothing wakes it up). `hlt` needs ring
+/// 0, and ring 3 cannot use `int n` on a PVM host, so: `ud2` with EAX =
+/// `HALT_MAGIC`, which the #UD path in boot.s turns into a `hlt` loop.
+pub fn halt_forever() -> ! {
     loop {
-        // SAFETY: vector 32 is the DPL-3 gate to a ring-0 `hlt` loop (boot.s).
-        unsafe { core::arch::asm!("int 0x20", options(nomem, nostack)) };
+        // SAFETY: the #UD handler recognises the magic and never returns.
+        unsafe { core::arch::asm!("ud2", in("eax") HALT_MAGIC, options(nomem, nostack)) };
     }
 }

@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 // `deny_unknown_fields` also rejects stray keys on them.
 pub enum Request {
     /// Sets (or replaces) the VM config. Only before `start`.
-    Configure { config: Box<VmConfig> },
+    Configure {
+        config: Box<VmConfig>,
+    },
     /// Creates the VM from the config and runs it.
     Start {},
     Pause {},
@@ -64,10 +66,16 @@ mod tests {
 
     #[test]
     fn requests_parse() {
-        assert_eq!(parse_request(r#"{"action":"start"}"#), Ok(Request::Start {}));
+        assert_eq!(
+            parse_request(r#"{"action":"start"}"#),
+            Ok(Request::Start {})
+        );
         assert_eq!(
             parse_request(r#"{"action":"shutdown","graceful":true}"#),
-            Ok(Request::Shutdown { graceful: true, timeout_ms: None })
+            Ok(Request::Shutdown {
+                graceful: true,
+                timeout_ms: None
+            })
         );
         let err = parse_request(r#"{"action":"explode"}"#).unwrap_err();
         assert!(err.contains("explode"), "{err}");

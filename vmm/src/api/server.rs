@@ -5,7 +5,7 @@
 use super::protocol::{parse_request, Request, Response};
 use super::socket::{OwnedListener, SocketError};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
@@ -22,24 +22,30 @@ pub struct ApiCall {
     pub events: Option<Sender<String>>,
 }
 
+/// Owns the socket file: dropping the server removes it, even though the
+/// accept thread (holding a clone of the fd) lives until process exit.
 pub struct ApiServer {
-    listener: Arc<OwnedListener>,
+    listener: OwnedListener,
 }
 
 impl ApiServer {
     /// Binds the socket and starts accepting. Calls arrive on the returned
     /// receiver; each one is followed by a write to `wake`.
-    pub fn start(path: &Path, wake: Arc<EventFd>) -> Result<(Self, Receiver<ApiCall>), SocketError> {
-        let listener = Arc::new(OwnedListener::bind(path)?);
+    pub fn start(
+        path: &Path,
+        wake: Arc<EventFd>,
+    ) -> Result<(Self, Receiver<ApiCall>), SocketError> {
+        let listener = OwnedListener::bind(path)?;
         let (tx, rx) = mpsc::channel();
-        let accept_listener = listener.clone();
+        let io_error = |source| SocketError::Bind {
+            path: path.to_owned(),
+            source,
+        };
+        let accept_listener = listener.listener.try_clone().map_err(io_error)?;
         std::thread::Builder::new()
             .name("api".into())
             .spawn(move || accept_loop(&accept_listener, tx, wake))
-            .map_err(|source| SocketError::Bind {
-                path: path.to_owned(),
-                source,
-            })?;
+            .map_err(io_error)?;
         Ok((Self { listener }, rx))
     }
 
@@ -48,8 +54,8 @@ impl ApiServer {
     }
 }
 
-fn accept_loop(listener: &OwnedListener, calls: Sender<ApiCall>, wake: Arc<EventFd>) {
-    for stream in listener.listener.incoming() {
+fn accept_loop(listener: &UnixListener, calls: Sender<ApiCall>, wake: Arc<EventFd>) {
+    for stream in listener.incoming() {
         let stream = match stream {
             Ok(stream) => stream,
             Err(e) => {
@@ -69,12 +75,17 @@ fn accept_loop(listener: &OwnedListener, calls: Sender<ApiCall>, wake: Arc<Event
 }
 
 fn serve_connection(stream: UnixStream, calls: Sender<ApiCall>, wake: Arc<EventFd>) {
-    let Ok(mut writer) = stream.try_clone() else { return };
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
     loop {
         line.clear();
-        match (&mut reader).take(MAX_REQUEST_BYTES as u64).read_line(&mut line) {
+        match (&mut reader)
+            .take(MAX_REQUEST_BYTES as u64)
+            .read_line(&mut line)
+        {
             Ok(0) | Err(_) => return,
             Ok(_) if !line.ends_with('\n') && line.len() >= MAX_REQUEST_BYTES => {
                 let _ = write_line(&mut writer, &Response::error("request line too long"));
@@ -114,7 +125,11 @@ fn serve_connection(stream: UnixStream, calls: Sender<ApiCall>, wake: Arc<EventF
         }
         if subscribe && response.ok {
             for event in events_rx {
-                if writer.write_all(event.as_bytes()).and_then(|_| writer.write_all(b"\n")).is_err() {
+                if writer
+                    .write_all(event.as_bytes())
+                    .and_then(|_| writer.write_all(b"\n"))
+                    .is_err()
+                {
                     return;
                 }
             }

@@ -9,9 +9,15 @@ pub enum SocketError {
     #[error("socket path {0} is already in use by a running process")]
     InUse(PathBuf),
     #[error("cannot remove stale socket {path}: {source}")]
-    RemoveStale { path: PathBuf, source: std::io::Error },
+    RemoveStale {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot bind {path}: {source}")]
-    Bind { path: PathBuf, source: std::io::Error },
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// A bound listener whose socket file is removed on drop.
@@ -62,8 +68,14 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("api.sock");
         let first = OwnedListener::bind(&path).unwrap();
-        assert!(matches!(OwnedListener::bind(&path), Err(SocketError::InUse(_))));
-        assert!(path.exists(), "a refused bind must not remove the live socket");
+        assert!(matches!(
+            OwnedListener::bind(&path),
+            Err(SocketError::InUse(_))
+        ));
+        assert!(
+            path.exists(),
+            "a refused bind must not remove the live socket"
+        );
         drop(first);
         assert!(!path.exists());
         // A stale socket: bound, then the listener closed without unlinking.

@@ -14,10 +14,20 @@ const EDX_HTT_BIT: u32 = 1 << 28;
 
 /// Baseline template: leaf 7.0 EBX bits masked (HLE, RTM, MPX, AVX-512
 /// F/DQ/IFMA/PF/ER/CD/BW/VL).
-const BASELINE_LEAF7_EBX_MASK: u32 =
-    (1 << 4) | (1 << 11) | (1 << 14) | (1 << 16) | (1 << 17) | (1 << 21) | (1 << 26) | (1 << 27) | (1 << 28) | (1 << 30) | (1 << 31);
+const BASELINE_LEAF7_EBX_MASK: u32 = (1 << 4)
+    | (1 << 11)
+    | (1 << 14)
+    | (1 << 16)
+    | (1 << 17)
+    | (1 << 21)
+    | (1 << 26)
+    | (1 << 27)
+    | (1 << 28)
+    | (1 << 30)
+    | (1 << 31);
 /// Leaf 7.0 ECX: AVX512_VBMI, PKU, OSPKE, AVX512_VBMI2, AVX512_VNNI, BITALG, VPOPCNTDQ.
-const BASELINE_LEAF7_ECX_MASK: u32 = (1 << 1) | (1 << 3) | (1 << 4) | (1 << 6) | (1 << 11) | (1 << 12) | (1 << 14);
+const BASELINE_LEAF7_ECX_MASK: u32 =
+    (1 << 1) | (1 << 3) | (1 << 4) | (1 << 6) | (1 << 11) | (1 << 12) | (1 << 14);
 
 /// Rewrites the host-supported CPUID for vCPU `cpu_index` of `cpu_count`.
 pub fn normalize(cpuid: &mut CpuId, cpu_index: u8, cpu_count: u8, template: CpuTemplate) {
@@ -26,7 +36,12 @@ pub fn normalize(cpuid: &mut CpuId, cpu_index: u8, cpu_count: u8, template: CpuT
     }
 }
 
-fn normalize_entry(entry: &mut kvm_cpuid_entry2, cpu_index: u8, cpu_count: u8, template: CpuTemplate) {
+fn normalize_entry(
+    entry: &mut kvm_cpuid_entry2,
+    cpu_index: u8,
+    cpu_count: u8,
+    template: CpuTemplate,
+) {
     let apic_id = u32::from(cpu_index);
     let count = u32::from(cpu_count);
     match entry.function {

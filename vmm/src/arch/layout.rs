@@ -65,7 +65,10 @@ mod tests {
         assert_eq!(ram_ranges(128 << 20), vec![(0, 128 << 20)]);
         assert_eq!(
             ram_ranges(4 << 30),
-            vec![(0, MMIO_GAP_START), (MMIO_GAP_END, (4 << 30) - MMIO_GAP_START)]
+            vec![
+                (0, MMIO_GAP_START),
+                (MMIO_GAP_END, (4 << 30) - MMIO_GAP_START)
+            ]
         );
     }
 

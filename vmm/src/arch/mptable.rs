@@ -64,7 +64,16 @@ pub fn build(cpu_count: u8) -> Result<Vec<u8>, MptableError> {
     entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
     entry_count += 1;
     for pin in 0..IOAPIC_PINS as u8 {
-        entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, INT_TYPE_INT, 0, 0, 0, pin, ioapic_id, pin]);
+        entries.extend_from_slice(&[
+            ENTRY_IO_INTERRUPT,
+            INT_TYPE_INT,
+            0,
+            0,
+            0,
+            pin,
+            ioapic_id,
+            pin,
+        ]);
         entry_count += 1;
     }
     // LINT0 is ExtINT (the PIC), LINT1 is NMI, on every local APIC (0xff).

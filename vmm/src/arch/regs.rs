@@ -2,7 +2,7 @@
 
 use super::layout::*;
 use crate::GuestMemoryMmap;
-use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs, Msrs, kvm_msr_entry};
+use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -53,7 +53,11 @@ fn segment_from_gdt(entry: u64, index: u8) -> kvm_segment {
     let granular = ((entry >> 55) & 1) as u8;
     kvm_segment {
         base: ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000),
-        limit: if granular == 1 { (limit << 12) | 0xfff } else { limit },
+        limit: if granular == 1 {
+            (limit << 12) | 0xfff
+        } else {
+            limit
+        },
         selector: u16::from(index) * 8,
         type_: ((entry >> 40) & 0xf) as u8,
         present: ((entry >> 47) & 1) as u8,
@@ -75,18 +79,28 @@ fn boot_gdt(mode: EntryMode) -> [u64; 4] {
         EntryMode::Long64 { .. } => gdt_entry(0xa09b, 0, 0xfffff),
         EntryMode::Pvh { .. } => gdt_entry(0xc09b, 0, 0xfffff),
     };
-    [0, code, gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x808b, 0, 0xfffff)]
+    [
+        0,
+        code,
+        gdt_entry(0xc093, 0, 0xfffff),
+        gdt_entry(0x808b, 0, 0xfffff),
+    ]
 }
 
 /// Writes the GDT, IDT and (for 64-bit entry) identity page tables, and
 /// returns the special registers that go with them.
-pub fn boot_sregs(mem: &GuestMemoryMmap, mode: EntryMode, mut sregs: kvm_sregs) -> Result<kvm_sregs, RegsError> {
+pub fn boot_sregs(
+    mem: &GuestMemoryMmap,
+    mode: EntryMode,
+    mut sregs: kvm_sregs,
+) -> Result<kvm_sregs, RegsError> {
     let gdt = boot_gdt(mode);
     for (index, entry) in gdt.iter().enumerate() {
         mem.write_obj(*entry, GuestAddress(BOOT_GDT_START + index as u64 * 8))
             .map_err(RegsError::Memory)?;
     }
-    mem.write_obj(0u64, GuestAddress(BOOT_IDT_START)).map_err(RegsError::Memory)?;
+    mem.write_obj(0u64, GuestAddress(BOOT_IDT_START))
+        .map_err(RegsError::Memory)?;
     sregs.gdt.base = BOOT_GDT_START;
     sregs.gdt.limit = (gdt.len() * 8 - 1) as u16;
     sregs.idt.base = BOOT_IDT_START;
@@ -253,8 +267,14 @@ mod tests {
     #[test]
     fn gdt_entries_decode_to_the_expected_segments() {
         let code64 = segment_from_gdt(gdt_entry(0xa09b, 0, 0xfffff), 1);
-        assert_eq!((code64.l, code64.db, code64.type_, code64.present), (1, 0, 0xb, 1));
-        assert_eq!((code64.selector, code64.limit, code64.g), (8, 0xffff_ffff, 1));
+        assert_eq!(
+            (code64.l, code64.db, code64.type_, code64.present),
+            (1, 0, 0xb, 1)
+        );
+        assert_eq!(
+            (code64.selector, code64.limit, code64.g),
+            (8, 0xffff_ffff, 1)
+        );
         let code32 = segment_from_gdt(gdt_entry(0xc09b, 0, 0xfffff), 1);
         assert_eq!((code32.l, code32.db), (0, 1));
         let data = segment_from_gdt(gdt_entry(0xc093, 0, 0xfffff), 2);
@@ -266,7 +286,12 @@ mod tests {
     #[test]
     fn long_mode_sregs_and_page_tables() {
         let ram = create_guest_memory(32 << 20).unwrap();
-        let sregs = boot_sregs(&ram.memory, EntryMode::Long64 { entry: 0x100_0000 }, kvm_sregs::default()).unwrap();
+        let sregs = boot_sregs(
+            &ram.memory,
+            EntryMode::Long64 { entry: 0x100_0000 },
+            kvm_sregs::default(),
+        )
+        .unwrap();
         assert_eq!(sregs.cr3, PML4_START);
         assert_ne!(sregs.cr0 & X86_CR0_PG, 0);
         assert_eq!(sregs.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
@@ -280,11 +305,19 @@ mod tests {
     #[test]
     fn pvh_sregs_are_flat_32_bit_without_paging() {
         let ram = create_guest_memory(32 << 20).unwrap();
-        let sregs = boot_sregs(&ram.memory, EntryMode::Pvh { entry: 0x10_0000 }, kvm_sregs::default()).unwrap();
+        let sregs = boot_sregs(
+            &ram.memory,
+            EntryMode::Pvh { entry: 0x10_0000 },
+            kvm_sregs::default(),
+        )
+        .unwrap();
         assert_eq!(sregs.cr0 & X86_CR0_PG, 0);
         assert_ne!(sregs.cr0 & X86_CR0_PE, 0);
         assert_eq!((sregs.cs.db, sregs.cs.l, sregs.efer), (1, 0, 0));
-        assert_eq!(boot_regs(EntryMode::Pvh { entry: 0x10_0000 }).rbx, PVH_INFO_START);
+        assert_eq!(
+            boot_regs(EntryMode::Pvh { entry: 0x10_0000 }).rbx,
+            PVH_INFO_START
+        );
     }
 
     #[test]
@@ -296,7 +329,10 @@ mod tests {
 
     #[test]
     fn lapic_delivery_mode_is_replaced() {
-        assert_eq!(set_apic_delivery_mode(0x0001_0700, APIC_MODE_NMI), 0x0001_0400);
+        assert_eq!(
+            set_apic_delivery_mode(0x0001_0700, APIC_MODE_NMI),
+            0x0001_0400
+        );
         let mut regs = [0 as std::os::raw::c_char; 1024];
         write_lapic_reg(&mut regs, APIC_LVT1, 0x1234_5678);
         assert_eq!(read_lapic_reg(&regs, APIC_LVT1), 0x1234_5678);

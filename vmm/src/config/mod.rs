@@ -57,7 +57,11 @@ pub enum ConfigError {
     #[error("boot.initrd {0}: no such file")]
     InitrdMissing(PathBuf),
     #[error("boot.initrd {path} ({size} bytes) is larger than the guest's {memory_mib} MiB of memory can hold")]
-    InitrdTooLarge { path: PathBuf, size: u64, memory_mib: u64 },
+    InitrdTooLarge {
+        path: PathBuf,
+        size: u64,
+        memory_mib: u64,
+    },
     #[error("disks[{index}].path {path}: no such file")]
     DiskMissing { index: usize, path: PathBuf },
     #[error("too many devices: {got} virtio devices, at most {max}")]
@@ -158,7 +162,10 @@ impl VmConfig {
     }
 
     pub fn virtio_device_count(&self) -> usize {
-        usize::from(self.vsock.is_some()) + self.disks.len() + self.net.len() + usize::from(self.rng)
+        usize::from(self.vsock.is_some())
+            + self.disks.len()
+            + self.net.len()
+            + usize::from(self.rng)
     }
 }
 
@@ -168,7 +175,13 @@ pub fn host_memory_mib() -> std::io::Result<u64> {
     meminfo
         .lines()
         .find_map(|line| line.strip_prefix("MemTotal:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
         .map(|kib| kib / 1024)
         .ok_or_else(|| std::io::Error::other("MemTotal missing from /proc/meminfo"))
 }
@@ -204,15 +217,27 @@ mod tests {
         let exe = std::env::current_exe().unwrap();
         let mut config = VmConfig::from_json(&minimal(&exe)).unwrap();
         config.machine.vcpus = 0;
-        assert!(matches!(config.validate(1024), Err(ConfigError::Vcpus { .. })));
+        assert!(matches!(
+            config.validate(1024),
+            Err(ConfigError::Vcpus { .. })
+        ));
         config.machine.vcpus = 1;
         config.machine.memory_mib = 0;
-        assert!(matches!(config.validate(1024), Err(ConfigError::MemoryTooSmall { .. })));
+        assert!(matches!(
+            config.validate(1024),
+            Err(ConfigError::MemoryTooSmall { .. })
+        ));
         config.machine.memory_mib = 1 << 30;
-        assert!(matches!(config.validate(1024), Err(ConfigError::MemoryTooLarge { .. })));
+        assert!(matches!(
+            config.validate(1024),
+            Err(ConfigError::MemoryTooLarge { .. })
+        ));
         config.machine.memory_mib = 64;
         config.boot.kernel = "/nonexistent/vmlinux".into();
-        assert!(matches!(config.validate(1024), Err(ConfigError::KernelMissing(_))));
+        assert!(matches!(
+            config.validate(1024),
+            Err(ConfigError::KernelMissing(_))
+        ));
     }
 
     #[test]

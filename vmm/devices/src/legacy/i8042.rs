@@ -165,7 +165,11 @@ mod tests {
     use crate::interrupt::test_utils::CountingTrigger;
     use std::sync::mpsc::channel;
 
-    fn device() -> (I8042, Arc<CountingTrigger>, std::sync::mpsc::Receiver<I8042Event>) {
+    fn device() -> (
+        I8042,
+        Arc<CountingTrigger>,
+        std::sync::mpsc::Receiver<I8042Event>,
+    ) {
         let irq = Arc::new(CountingTrigger::default());
         let (tx, rx) = channel();
         let tx = std::sync::Mutex::new(tx);

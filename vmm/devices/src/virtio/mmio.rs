@@ -9,9 +9,7 @@
 //! device call and never holds it across another lock. The event loop takes
 //! only the device mutex, so the two paths cannot deadlock.
 
-use super::{
-    ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
-};
+use super::{ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::guest_warn;
 use crate::GuestMemoryMmap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -75,8 +73,8 @@ const STATUS_NEEDS_RESET: u32 = VIRTIO_CONFIG_S_NEEDS_RESET;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MmioError {
-    #[error("device reports {0} queues; virtio-mmio needs at least one")]
-    NoQueues(usize),
+    #[error("device has no queues; virtio-mmio needs at least one")]
+    NoQueues,
     #[error("queue {index} has invalid maximum size {max_size}")]
     QueueMaxSize {
         index: usize,
@@ -140,7 +138,7 @@ impl MmioTransport {
             )
         };
         if max_sizes.is_empty() {
-            return Err(MmioError::NoQueues(0));
+            return Err(MmioError::NoQueues);
         }
         let mut queues = Vec::with_capacity(max_sizes.len());
         let mut queue_events = Vec::with_capacity(max_sizes.len());
@@ -217,7 +215,10 @@ impl MmioTransport {
             }
             reg::CONFIG_GENERATION => self.config_generation,
             _ => {
-                guest_warn!(offset, "virtio-mmio: read of unknown or write-only register");
+                guest_warn!(
+                    offset,
+                    "virtio-mmio: read of unknown or write-only register"
+                );
                 0
             }
         }
@@ -241,7 +242,11 @@ impl MmioTransport {
             reg::INTERRUPT_ACK => self.interrupt.ack(value),
             reg::STATUS => self.write_status(value),
             reg::SHM_SEL => {}
-            _ => guest_warn!(offset, value, "virtio-mmio: write to unknown or read-only register"),
+            _ => guest_warn!(
+                offset,
+                value,
+                "virtio-mmio: write to unknown or read-only register"
+            ),
         }
     }
 
@@ -256,10 +261,12 @@ impl MmioTransport {
         match self.driver_features_sel {
             0 => self.acked_features = (self.acked_features & !0xffff_ffff) | u64::from(value),
             1 => {
-                self.acked_features =
-                    (self.acked_features & 0xffff_ffff) | (u64::from(value) << 32)
+                self.acked_features = (self.acked_features & 0xffff_ffff) | (u64::from(value) << 32)
             }
-            sel => guest_warn!(sel, "virtio-mmio: driver features page out of range; ignored"),
+            sel => guest_warn!(
+                sel,
+                "virtio-mmio: driver features page out of range; ignored"
+            ),
         }
     }
 
@@ -276,7 +283,10 @@ impl MmioTransport {
         }
         let queue_sel = self.queue_sel;
         let Some(queue) = self.queues.get_mut(queue_sel as usize) else {
-            guest_warn!(queue_sel, "virtio-mmio: queue register written for a missing queue");
+            guest_warn!(
+                queue_sel,
+                "virtio-mmio: queue register written for a missing queue"
+            );
             return;
         };
         // The setters below ignore invalid values (size not a power of two,
@@ -327,7 +337,10 @@ impl MmioTransport {
         }
         let added = requested & !current;
         if current & STATUS_FAILED != 0 && added != 0 {
-            guest_warn!(requested, "virtio-mmio: status change after FAILED; reset first");
+            guest_warn!(
+                requested,
+                "virtio-mmio: status change after FAILED; reset first"
+            );
             return;
         }
         if added == STATUS_FAILED {
@@ -359,7 +372,11 @@ impl MmioTransport {
                 }
             }
             _ => {
-                guest_warn!(current, requested, "virtio-mmio: invalid status transition; ignored");
+                guest_warn!(
+                    current,
+                    requested,
+                    "virtio-mmio: invalid status transition; ignored"
+                );
                 return;
             }
         }
@@ -416,7 +433,13 @@ impl MmioTransport {
     }
 
     fn reset(&mut self) {
-        if !lock(&self.device).reset() {
+        // A device that was never activated has nothing to undo; drivers reset
+        // before every handshake, so this must work even for devices that
+        // cannot reset once running.
+        let mut device = lock(&self.device);
+        let reset_ok = !device.is_activated() || device.reset();
+        drop(device);
+        if !reset_ok {
             guest_warn!("virtio-mmio: device cannot be reset; marking it as needing reset");
             self.status |= STATUS_NEEDS_RESET;
             return;
@@ -439,8 +462,12 @@ impl MmioTransport {
 
 /// A poisoned device mutex means a device call panicked; the register file
 /// must still answer, so take the state as it is.
-fn lock<'a>(device: &'a Mutex<dyn VirtioDevice + 'static>) -> MutexGuard<'a, dyn VirtioDevice + 'static> {
-    device.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+fn lock<'a>(
+    device: &'a Mutex<dyn VirtioDevice + 'static>,
+) -> MutexGuard<'a, dyn VirtioDevice + 'static> {
+    device
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn register_offset(offset: u64, len: usize) -> Option<u64> {
@@ -607,7 +634,8 @@ mod tests {
             u32::from_le_bytes(data)
         }
         fn write(&mut self, offset: u64, value: u32) {
-            self.transport.mmio_write(BASE, offset, &value.to_le_bytes());
+            self.transport
+                .mmio_write(BASE, offset, &value.to_le_bytes());
         }
         fn features_handshake(&mut self, acked: u64) {
             self.write(reg::STATUS, STATUS_ACK);
@@ -877,7 +905,8 @@ mod tests {
         f.transport.mmio_read(BASE, reg::MAGIC_VALUE + 1, &mut four);
         assert_eq!(four, [0; 4]);
         f.transport.mmio_write(BASE, reg::STATUS, &[1]);
-        f.transport.mmio_write(BASE, reg::STATUS, &[1, 0, 0, 0, 0, 0, 0, 0]);
+        f.transport
+            .mmio_write(BASE, reg::STATUS, &[1, 0, 0, 0, 0, 0, 0, 0]);
         assert_eq!(f.read(reg::STATUS), 0);
     }
 

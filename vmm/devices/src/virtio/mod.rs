@@ -14,10 +14,10 @@ pub mod block;
 pub mod mmio;
 pub mod net;
 pub mod rng;
-pub mod util;
-pub mod vsock;
 #[cfg(test)]
 pub mod test_utils;
+pub mod util;
+pub mod vsock;
 
 use crate::interrupt::IrqTrigger;
 use crate::GuestMemoryMmap;

@@ -75,10 +75,9 @@ impl<'a> TestQueue<'a> {
             let index = (base + pos as u16) % self.size;
             let (flags, next) = match d.next {
                 Some(next) => (d.flags, next),
-                None if pos + 1 < descs.len() => (
-                    d.flags | VRING_DESC_F_NEXT as u16,
-                    (index + 1) % self.size,
-                ),
+                None if pos + 1 < descs.len() => {
+                    (d.flags | VRING_DESC_F_NEXT as u16, (index + 1) % self.size)
+                }
                 None => (d.flags & !(VRING_DESC_F_NEXT as u16), 0),
             };
             let raw = RawDescriptor::from(SplitDescriptor::new(d.addr, d.len, flags, next));
@@ -159,7 +158,8 @@ pub fn build_chain<'a>(
 
 /// Fills guest memory at `addr` with `data`.
 pub fn write_guest(mem: &GuestMemoryMmap, addr: u64, data: &[u8]) {
-    mem.write_slice(data, GuestAddress(addr)).expect("write guest");
+    mem.write_slice(data, GuestAddress(addr))
+        .expect("write guest");
 }
 
 pub fn read_guest(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {

@@ -34,7 +34,9 @@ pub enum ChainError {
 }
 
 /// Walks `chain` (a clone of it) and rejects chains that virtio-queue had to
-/// cut short. Loops and chains longer than the queue end up here.
+/// cut short. Loops and chains longer than the queue end up here. The guest
+/// may rewrite descriptors after this walk; that can only change the outcome
+/// of its own request, as Reader/Writer bound-check every buffer again.
 pub fn chain_shape<M>(chain: &DescriptorChain<M>) -> Result<ChainShape, ChainError>
 where
     M: Deref + Clone,
@@ -165,7 +167,11 @@ impl QueueEventSet {
 
     /// Applies the staged set: removes what was registered, registers the new
     /// events with `data_base + queue index` as their epoll data.
-    pub fn apply(&mut self, ops: &mut EventOps, data_base: u32) -> Result<(), event_manager::Error> {
+    pub fn apply(
+        &mut self,
+        ops: &mut EventOps,
+        data_base: u32,
+    ) -> Result<(), event_manager::Error> {
         let Some(staged) = self.staged.take() else {
             return Ok(());
         };

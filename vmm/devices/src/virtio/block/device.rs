@@ -224,7 +224,10 @@ impl VirtioDevice for Block {
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        guest_warn!(offset, "virtio-blk: config space is read-only; write ignored");
+        guest_warn!(
+            offset,
+            "virtio-blk: config space is read-only; write ignored"
+        );
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
@@ -271,7 +274,9 @@ impl VirtioDevice for Block {
 mod tests {
     use super::*;
     use crate::interrupt::test_utils::CountingTrigger;
-    use crate::virtio::test_utils::{guest_memory, read_guest, write_guest, RawDesc, TempFile, TestQueue};
+    use crate::virtio::test_utils::{
+        guest_memory, read_guest, write_guest, RawDesc, TempFile, TestQueue,
+    };
     use event_manager::{EventManager, SubscriberOps};
     use std::sync::Mutex;
     use virtio_bindings::bindings::virtio_blk::{
@@ -357,7 +362,10 @@ mod tests {
         })
         .err()
         .unwrap();
-        assert!(err.to_string().contains("/nonexistent/microvm/disk.img"), "{err}");
+        assert!(
+            err.to_string().contains("/nonexistent/microvm/disk.img"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -490,7 +498,8 @@ mod tests {
         // A head index past the table, then a descriptor that links to
         // itself (an endless chain), then a good request.
         h.tq.publish(9999);
-        let head = h.tq.add_chain(&[RawDesc::linked(0x10_0000, 16, VRING_DESC_F_NEXT, 0)]);
+        let head =
+            h.tq.add_chain(&[RawDesc::linked(0x10_0000, 16, VRING_DESC_F_NEXT, 0)]);
         assert_eq!(head, 0);
         header(&mem, 0x20_0000, VIRTIO_BLK_T_GET_ID, 0);
         h.tq.add_chain(&[
@@ -503,7 +512,10 @@ mod tests {
         assert_eq!(h.tq.used_idx(), 2);
         assert_eq!(h.tq.used(0), (0, 0));
         assert_eq!(h.tq.used(1), (1, 21));
-        assert_eq!(read_guest(&mem, 0x21_0000 + 20, 1)[0], VIRTIO_BLK_S_OK as u8);
+        assert_eq!(
+            read_guest(&mem, 0x21_0000 + 20, 1)[0],
+            VIRTIO_BLK_S_OK as u8
+        );
         assert_eq!(h.metric("guest_faults"), 3);
         assert_eq!(h.metric("requests"), 3);
 
@@ -561,7 +573,10 @@ mod tests {
         };
         assert!(matches!(
             block.activate(ctx),
-            Err(ActivateError::QueueCount { expected: 1, got: 0 })
+            Err(ActivateError::QueueCount {
+                expected: 1,
+                got: 0
+            })
         ));
         let tq = TestQueue::new(&mem, 0, 16);
         let ctx = |q| ActivateContext {

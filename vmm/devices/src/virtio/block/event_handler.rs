@@ -21,7 +21,11 @@ impl Block {
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(&self.activate_evt, ACTIVATE, EventSet::IN)) {
+        if let Err(e) = ops.add(Events::with_data(
+            &self.activate_evt,
+            ACTIVATE,
+            EventSet::IN,
+        )) {
             self.metrics.event_errors.inc();
             tracing::error!(error = %e, "virtio-blk: failed to register the activate event");
         }

@@ -5,7 +5,9 @@ use super::backend::NetBackend;
 use super::tap::{Tap, TapError};
 use super::VNET_HDR_LEN;
 use crate::metrics::Counter;
-use crate::virtio::util::{chain_shape, drain_queue, read_config_bytes, signal_used, QueueEventSet};
+use crate::virtio::util::{
+    chain_shape, drain_queue, read_config_bytes, signal_used, QueueEventSet,
+};
 use crate::virtio::{
     ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt, TYPE_NET, VIRTIO_F_VERSION_1,
 };
@@ -148,7 +150,7 @@ impl Net {
                     }
                 },
             };
-            if len < VNET_HDR_LEN {
+            if len < VNET_HDR_LEN || len > self.rx_buf.len() {
                 metrics.rx_backend_errors.inc();
                 self.rx_pending = None;
                 continue;
@@ -174,8 +176,14 @@ impl Net {
                     // Drop the frame but keep the buffer for the next one.
                     self.rx_pending = None;
                     metrics.rx_dropped_too_big.inc();
-                    guest_warn!(len, room, "virtio-net: rx frame larger than the buffer; dropped");
-                    active.rx.set_next_avail(active.rx.next_avail().wrapping_sub(1));
+                    guest_warn!(
+                        len,
+                        room,
+                        "virtio-net: rx frame larger than the buffer; dropped"
+                    );
+                    active
+                        .rx
+                        .set_next_avail(active.rx.next_avail().wrapping_sub(1));
                 }
                 Err(RxError::Guest(reason)) => {
                     // Return the useless buffer; the frame waits for the next.
@@ -227,15 +235,25 @@ impl Net {
             metrics.guest_faults.inc();
             guest_warn!("virtio-net: tx avail index runs ahead of the ring");
         }
-        if let Err(e) = signal_used(&mut active.tx, &active.mem, &active.interrupt, stats.completed)
-        {
+        if let Err(e) = signal_used(
+            &mut active.tx,
+            &active.mem,
+            &active.interrupt,
+            stats.completed,
+        ) {
             metrics.event_errors.inc();
             tracing::error!(error = %e, "virtio-net: failed to signal the guest");
         }
     }
 }
 
-fn add_used(queue: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32, metrics: &NetMetrics) -> bool {
+fn add_used(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    head: u16,
+    len: u32,
+    metrics: &NetMetrics,
+) -> bool {
     match queue.add_used(mem, head, len) {
         Ok(()) => true,
         Err(e) => {
@@ -321,7 +339,10 @@ impl VirtioDevice for Net {
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
         // The MAC is writable only in legacy virtio; we are 1.x only.
-        guest_warn!(offset, "virtio-net: config space is read-only; write ignored");
+        guest_warn!(
+            offset,
+            "virtio-net: config space is read-only; write ignored"
+        );
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
@@ -482,7 +503,10 @@ mod tests {
         let mut cfg = [0u8; 8];
         net.read_config(0, &mut cfg);
         assert_eq!(&cfg[..6], &MAC);
-        assert_eq!(u16::from_le_bytes([cfg[6], cfg[7]]), VIRTIO_NET_S_LINK_UP as u16);
+        assert_eq!(
+            u16::from_le_bytes([cfg[6], cfg[7]]),
+            VIRTIO_NET_S_LINK_UP as u16
+        );
         let mut past = [0xffu8; 2];
         net.read_config(8, &mut past);
         assert_eq!(past, [0, 0]);
@@ -523,7 +547,10 @@ mod tests {
     fn rx_delivers_frames_when_backend_readable() {
         let mem = guest_memory();
         let mut h = harness(&mem);
-        h.rx.add_chain(&[RawDesc::new(0x10_0000, 10, W), RawDesc::new(0x10_1000, 1600, W)]);
+        h.rx.add_chain(&[
+            RawDesc::new(0x10_0000, 10, W),
+            RawDesc::new(0x10_1000, 1600, W),
+        ]);
         h.kick(RX_QUEUE);
         let f = frame(200, 3);
         h.peer.send(&f).unwrap();
@@ -595,7 +622,8 @@ mod tests {
         // huge length, then a good buffer.
         h.rx.add_chain(&[RawDesc::new(0x10_0000, 64, 0)]);
         h.rx.add_chain(&[RawDesc::new(0xffff_0000_0000, 1600, W)]);
-        let head = h.rx.add_chain(&[RawDesc::linked(0x10_0000, 64, W | VRING_DESC_F_NEXT, 2)]);
+        let head =
+            h.rx.add_chain(&[RawDesc::linked(0x10_0000, 64, W | VRING_DESC_F_NEXT, 2)]);
         assert_eq!(head, 2);
         h.rx.add_chain(&[RawDesc::new(0x10_0000, 4, W)]);
         h.rx.add_chain(&[RawDesc::new(0x10_0000, u32::MAX, W)]);
@@ -622,7 +650,8 @@ mod tests {
         write_guest(&mem, 0x12_0000, &good);
         // Loop, outside memory, zero length, shorter than a header,
         // device-writable, larger than any frame, huge length, then good.
-        let head = h.tx.add_chain(&[RawDesc::linked(0x10_0000, 64, VRING_DESC_F_NEXT, 0)]);
+        let head =
+            h.tx.add_chain(&[RawDesc::linked(0x10_0000, 64, VRING_DESC_F_NEXT, 0)]);
         assert_eq!(head, 0);
         h.tx.add_chain(&[RawDesc::new(0xffff_0000_0000, 64, 0)]);
         h.tx.add_chain(&[RawDesc::new(0x10_0000, 0, 0)]);
@@ -713,7 +742,10 @@ mod tests {
         });
         assert!(matches!(
             result,
-            Err(ActivateError::QueueCount { expected: 2, got: 1 })
+            Err(ActivateError::QueueCount {
+                expected: 2,
+                got: 1
+            })
         ));
         assert!(!net.is_activated());
     }

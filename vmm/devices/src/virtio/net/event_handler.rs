@@ -55,7 +55,11 @@ impl Net {
 
 impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(&self.activate_evt, ACTIVATE, EventSet::IN)) {
+        if let Err(e) = ops.add(Events::with_data(
+            &self.activate_evt,
+            ACTIVATE,
+            EventSet::IN,
+        )) {
             self.metrics.event_errors.inc();
             tracing::error!(error = %e, "virtio-net: failed to register the activate event");
         }

@@ -62,7 +62,13 @@ impl Tap {
         req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
         // SAFETY: `file` is an open tun fd and `req` a valid, initialised
         // ifreq that outlives the call; TUNSETIFF reads and writes only it.
-        let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req as *mut libc::ifreq) };
+        let ret = unsafe {
+            libc::ioctl(
+                file.as_raw_fd(),
+                libc::TUNSETIFF,
+                &mut req as *mut libc::ifreq,
+            )
+        };
         if ret < 0 {
             return Err(TapError::SetIff {
                 name: name.to_string(),
@@ -72,11 +78,13 @@ impl Tap {
         let hdr_len = VNET_HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one c_int through the pointer, which
         // points at a live local.
-        let ret = unsafe { libc::ioctl(
+        let ret = unsafe {
+            libc::ioctl(
                 file.as_raw_fd(),
                 libc::TUNSETVNETHDRSZ,
                 &hdr_len as *const libc::c_int,
-            ) };
+            )
+        };
         if ret < 0 {
             return Err(TapError::SetVnetHdrSize {
                 name: name.to_string(),

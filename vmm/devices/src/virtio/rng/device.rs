@@ -144,8 +144,8 @@ fn fill_chain(
     if shape.readable_bytes > 0 {
         return Err(FillError::Guest("device-readable buffer in the chain"));
     }
-    let mut writer = Writer::new(mem, chain)
-        .map_err(|_| FillError::Guest("buffer outside guest memory"))?;
+    let mut writer =
+        Writer::new(mem, chain).map_err(|_| FillError::Guest("buffer outside guest memory"))?;
     let n = writer.available_bytes().min(buf.len());
     if n == 0 {
         return Err(FillError::Guest("zero-length buffer"));
@@ -254,7 +254,10 @@ mod tests {
         }
     }
 
-    fn activate<'a>(mem: &'a GuestMemoryMmap, rng: &mut Rng) -> (TestQueue<'a>, Arc<CountingTrigger>) {
+    fn activate<'a>(
+        mem: &'a GuestMemoryMmap,
+        rng: &mut Rng,
+    ) -> (TestQueue<'a>, Arc<CountingTrigger>) {
         let tq = TestQueue::new(mem, 0, RNG_QUEUE_SIZE);
         let trigger = Arc::new(CountingTrigger::default());
         rng.activate(ActivateContext {
@@ -331,7 +334,10 @@ mod tests {
         tq.add_chain(&[RawDesc::new(0x10_0000, u32::MAX, W)]);
         let head = tq.add_chain(&[RawDesc::linked(0x10_0000, 16, W | VRING_DESC_F_NEXT, 4)]);
         assert_eq!(head, 4);
-        tq.add_chain(&[RawDesc::new(0x10_0020, 16, 0), RawDesc::new(0x10_0030, 16, W)]);
+        tq.add_chain(&[
+            RawDesc::new(0x10_0020, 16, 0),
+            RawDesc::new(0x10_0030, 16, W),
+        ]);
         tq.add_chain(&[RawDesc::new(0x20_0000, 8, W)]);
         rng.process_queue();
         assert_eq!(tq.used_idx(), 7);

@@ -8,7 +8,11 @@ const REQUEST_QUEUE: u32 = 1;
 
 impl MutEventSubscriber for Rng {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(&self.activate_evt, ACTIVATE, EventSet::IN)) {
+        if let Err(e) = ops.add(Events::with_data(
+            &self.activate_evt,
+            ACTIVATE,
+            EventSet::IN,
+        )) {
             self.metrics.event_errors.inc();
             tracing::error!(error = %e, "virtio-rng: failed to register the activate event");
         }
