@@ -771,12 +771,28 @@ mod tests {
     #[test]
     fn failed_reset_sets_needs_reset() {
         let mem = guest_memory();
+        let tq0 = TestQueue::new(&mem, 0x0, 16);
+        let mut dev = FakeDevice::new(1);
+        dev.can_reset = false;
+        let mut f = fixture(dev, &mem);
+        f.features_handshake(all_features());
+        f.setup_queue(0, &tq0);
+        f.write(reg::STATUS, 0xf);
+        assert!(f.device.lock().unwrap().active);
+        f.write(reg::STATUS, 0);
+        assert_eq!(f.read(reg::STATUS), 0xf | STATUS_NEEDS_RESET);
+    }
+
+    #[test]
+    fn reset_before_activation_works_even_if_the_device_cannot_reset() {
+        let mem = guest_memory();
         let mut dev = FakeDevice::new(1);
         dev.can_reset = false;
         let mut f = fixture(dev, &mem);
         f.write(reg::STATUS, STATUS_ACK);
         f.write(reg::STATUS, 0);
-        assert_eq!(f.read(reg::STATUS), STATUS_ACK | STATUS_NEEDS_RESET);
+        assert_eq!(f.read(reg::STATUS), 0);
+        assert_eq!(f.device.lock().unwrap().resets, 0);
     }
 
     #[test]
