@@ -152,7 +152,10 @@ fn mount_early(early: &EarlyMount) -> std::io::Result<()> {
 /// tty buffer would be lost.
 fn print_console(text: &str) {
     let mut stdout = std::io::stdout().lock();
-    if let Err(err) = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+    if let Err(err) = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
         eprintln!("microvm-agent: console write failed: {err}");
         return;
     }
@@ -213,7 +216,9 @@ mod tests {
         // Device nodes under /dev must stay usable.
         let dev = &EARLY_MOUNTS[2];
         assert!(!dev.flags.contains(MsFlags::MS_NODEV));
-        assert!(EARLY_MOUNTS.iter().all(|m| m.flags.contains(MsFlags::MS_NOSUID)));
+        assert!(EARLY_MOUNTS
+            .iter()
+            .all(|m| m.flags.contains(MsFlags::MS_NOSUID)));
     }
 
     #[test]

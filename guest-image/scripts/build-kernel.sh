@@ -2,7 +2,7 @@
 # Builds the pod VM guest kernel from Debian's linux-source-6.1 and the
 # fragments in kernel-config/, and caches it outside the repo.
 #
-# Usage: build-kernel.sh [--print-dir]
+# Usage: build-kernel.sh   (normally run by `microvm-image kernel`)
 #   Output:  ${MICROVM_CACHE_DIR:-/var/cache/microvm}/kernel/<source-version>-<hash>/
 #            {vmlinux,bzImage,config}
 #   <hash> covers every kernel-config/*.config fragment (name and content)
@@ -21,7 +21,7 @@ set -euo pipefail
 LINUX_SOURCE_VERSION="${MICROVM_LINUX_SOURCE_VERSION:-6.1.192-2}"
 LINUX_SOURCE_PACKAGE="linux-source-6.1"
 # Host tools the kernel build needs; installed idempotently below.
-BUILD_DEPS=(build-essential flex bison bc libelf-dev libssl-dev cpio xz-utils kmod)
+BUILD_DEPS=(build-essential flex bison bc libelf-dev libssl-dev cpio xz-utils)
 
 script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo_dir="$(cd "$script_dir/../.." && pwd)"
@@ -51,11 +51,21 @@ key_hash="$(
 )"
 out_dir="$cache_root/kernel/$LINUX_SOURCE_VERSION-$key_hash"
 
-if [ -s "$out_dir/vmlinux" ] && [ -s "$out_dir/bzImage" ] && [ -s "$out_dir/config" ]; then
-    log "cached: $out_dir"
-    echo "MICROVM_KERNEL_DIR=$out_dir"
-    exit 0
-fi
+exit_if_cached() {
+    if [ -s "$out_dir/vmlinux" ] && [ -s "$out_dir/bzImage" ] && [ -s "$out_dir/config" ]; then
+        log "cached: $out_dir"
+        echo "MICROVM_KERNEL_DIR=$out_dir"
+        exit 0
+    fi
+}
+exit_if_cached
+
+# One build at a time per cache (parallel tests, several checkouts); whoever
+# waited finds the kernel the other one built.
+mkdir -p "$cache_root/kernel"
+exec 9>"$cache_root/kernel/.lock"
+flock 9
+exit_if_cached
 
 # --- dependencies (apt, idempotent) -----------------------------------------
 installed_version="$(dpkg-query -W -f='${Version}' "$LINUX_SOURCE_PACKAGE" 2>/dev/null || true)"
@@ -69,10 +79,15 @@ fi
 if [ ${#missing[@]} -gt 0 ]; then
     log "installing with apt: ${missing[*]}"
     command -v apt-get >/dev/null || die "apt-get not found; cannot install ${missing[*]}"
-    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" >&2; then
+    # Wait for a dpkg lock held by someone else's apt instead of failing.
+    apt_install() {
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends --allow-downgrades \
+            -o DPkg::Lock::Timeout=600 "$@" >&2
+    }
+    if ! apt_install "${missing[@]}"; then
         log "apt-get install failed; running apt-get update and retrying once"
         apt-get update >&2 || die "apt-get update failed"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" >&2 \
+        apt_install "${missing[@]}" \
             || die "apt-get install ${missing[*]} failed (is $LINUX_SOURCE_PACKAGE=$LINUX_SOURCE_VERSION still in the archive? see apt-cache policy $LINUX_SOURCE_PACKAGE)"
     fi
 fi

@@ -40,7 +40,10 @@ mod tests {
     fn repo_root_holds_the_kernel_fragments() {
         // Compiled-in default (the test does not set the override).
         if std::env::var_os(REPO_DIR_ENV).is_none() {
-            assert!(repo_root().join("kernel-config").join("base.config").is_file());
+            assert!(repo_root()
+                .join("kernel-config")
+                .join("base.config")
+                .is_file());
             assert!(repo_root().join("guest-agent").join("Cargo.toml").is_file());
         }
     }

@@ -113,7 +113,10 @@ impl KernelRuns {
     }
 
     pub fn uptimes(&self) -> Vec<f64> {
-        self.outcomes.iter().filter_map(BootOutcome::ready_uptime).collect()
+        self.outcomes
+            .iter()
+            .filter_map(BootOutcome::ready_uptime)
+            .collect()
     }
 
     pub fn median_uptime(&self) -> Option<f64> {
@@ -153,7 +156,11 @@ pub fn measure(kernel: &KernelArtifacts, initramfs: &Path, runs: usize) -> Figur
         .map(|name| name.to_string_lossy().into_owned())
         .unwrap_or_default();
     let mut ours = KernelRuns::new(format!("microvm {kernel_name} (vmlinux, PVH)"));
-    let mut ours_boot = QemuBoot::new(kernel.vmlinux.clone(), initramfs.to_path_buf(), qemu_cmdline());
+    let mut ours_boot = QemuBoot::new(
+        kernel.vmlinux.clone(),
+        initramfs.to_path_buf(),
+        qemu_cmdline(),
+    );
     ours_boot.timeout = BOOT_TIMEOUT;
 
     let cloud_kernel = cloud_kernel();
@@ -262,9 +269,19 @@ impl fmt::Display for Figures {
         writeln!(f, "{:<46} size", "artifact")?;
         writeln!(f, "{:<46} {}", "vmlinux", mib(self.vmlinux_bytes))?;
         writeln!(f, "{:<46} {}", "bzImage", mib(self.bz_image_bytes))?;
-        writeln!(f, "{:<46} {}", "initramfs (release)", mib(self.initramfs_bytes))?;
+        writeln!(
+            f,
+            "{:<46} {}",
+            "initramfs (release)",
+            mib(self.initramfs_bytes)
+        )?;
         if let Some(bytes) = self.cloud_vmlinuz_bytes {
-            writeln!(f, "{:<46} {}", "debian cloud vmlinuz (for comparison)", mib(bytes))?;
+            writeln!(
+                f,
+                "{:<46} {}",
+                "debian cloud vmlinuz (for comparison)",
+                mib(bytes)
+            )?;
         }
         writeln!(f)?;
         writeln!(

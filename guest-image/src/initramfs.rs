@@ -141,7 +141,8 @@ pub fn write_newc<W: Write>(entries: &[Entry], mut out: W) -> Result<W, Initramf
             EntryKind::CharDevice { major, minor } => (major, minor),
             _ => (0, 0),
         };
-        let inode = u32::try_from(index + 1).map_err(|_| InitramfsError::TooLarge(entry.path.clone()))?;
+        let inode =
+            u32::try_from(index + 1).map_err(|_| InitramfsError::TooLarge(entry.path.clone()))?;
         let mut writer = cpio::NewcBuilder::new(&entry.path)
             .ino(inode)
             .mode(entry.mode())
@@ -209,7 +210,10 @@ pub fn initramfs(variant: Variant) -> Result<InitramfsArtifact, InitramfsError> 
     };
     let archive = write_newc(&entries(agent, busybox), Vec::new())?;
     let digest = Sha256::digest(&archive);
-    let hash: String = digest[..8].iter().map(|byte| format!("{byte:02x}")).collect();
+    let hash: String = digest[..8]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect();
     let dir = cache::cache_root().join("initramfs");
     let path = dir.join(format!("{}-{hash}.cpio", variant.name()));
     if !path.is_file() {
@@ -233,12 +237,22 @@ pub fn build_agent() -> Result<PathBuf, InitramfsError> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let output = Command::new(cargo)
         .current_dir(&repo)
-        .args(["build", "--release", "-p", "microvm-agent", "--target", AGENT_TARGET])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "microvm-agent",
+            "--target",
+            AGENT_TARGET,
+        ])
         .arg("--manifest-path")
         .arg(repo.join("Cargo.toml"))
         .arg("--target-dir")
         .arg(&target_dir)
-        .env("RUSTFLAGS", "-C target-feature=+crt-static -C strip=symbols")
+        .env(
+            "RUSTFLAGS",
+            "-C target-feature=+crt-static -C strip=symbols",
+        )
         // Set by an outer cargo (tests) and stronger than RUSTFLAGS.
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .env_remove("CARGO_TARGET_DIR")
@@ -406,8 +420,11 @@ mod tests {
 
     #[test]
     fn debug_variant_has_a_shell_symlink() {
-        let archive =
-            write_newc(&entries(b"agent".to_vec(), Some(b"bb".to_vec())), Vec::new()).unwrap();
+        let archive = write_newc(
+            &entries(b"agent".to_vec(), Some(b"bb".to_vec())),
+            Vec::new(),
+        )
+        .unwrap();
         let members = read_back(&archive);
         let sh = members.iter().find(|m| m.name == "bin/sh").unwrap();
         assert_eq!(sh.mode & S_IFMT, 0o120000);

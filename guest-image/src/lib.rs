@@ -84,7 +84,10 @@ mod tests {
         assert!(!qemu.contains("reboot=k"));
         assert_eq!(
             qemu.replace("reboot=t", "reboot=k"),
-            KERNEL_CMDLINE.split_whitespace().collect::<Vec<_>>().join(" ")
+            KERNEL_CMDLINE
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
         );
     }
 

@@ -200,7 +200,10 @@ pub fn boot(config: &QemuBoot) -> Result<BootOutcome, QemuError> {
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    needle.is_empty() || haystack.windows(needle.len()).any(|window| window == needle)
+    needle.is_empty()
+        || haystack
+            .windows(needle.len())
+            .any(|window| window == needle)
 }
 
 #[cfg(test)]
@@ -209,7 +212,11 @@ mod tests {
 
     #[test]
     fn args_match_the_documented_microvm_setup() {
-        let boot = QemuBoot::new("/k/vmlinux".into(), "/i/initramfs".into(), "console=ttyS0".into());
+        let boot = QemuBoot::new(
+            "/k/vmlinux".into(),
+            "/i/initramfs".into(),
+            "console=ttyS0".into(),
+        );
         let args: Vec<String> = boot
             .args()
             .into_iter()

@@ -57,9 +57,7 @@ fn build(root: &Path) -> Result<PathBuf> {
     ] {
         cmd.env_remove(var);
     }
-    let output = cmd
-        .output()
-        .with_context(|| format!("running {cmd:?}"))?;
+    let output = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !output.status.success() {
         bail!(
             "building the probe guest failed ({}):\n{}",
@@ -97,9 +95,18 @@ pub fn qemu_microvm_command(kernel: &Path, accel: &str, append: &str) -> Command
         "virtio-mmio.force-legacy=false",
         "-device",
     ])
-    .arg(format!("isa-debug-exit,iobase={QEMU_DEBUG_EXIT_PORT},iosize=1"))
+    .arg(format!(
+        "isa-debug-exit,iobase={QEMU_DEBUG_EXIT_PORT},iosize=1"
+    ))
     .args(["-accel", accel])
-    .args(["-cpu", if accel == "kvm" { "host,-arch-capabilities" } else { "max" }])
+    .args([
+        "-cpu",
+        if accel == "kvm" {
+            "host,-arch-capabilities"
+        } else {
+            "max"
+        },
+    ])
     .arg("-kernel")
     .arg(kernel)
     .args(["-append", append]);
@@ -109,7 +116,9 @@ pub fn qemu_microvm_command(kernel: &Path, accel: &str, append: &str) -> Command
 /// The status the probe wrote to its shutdown port, from QEMU's exit code.
 pub fn qemu_guest_status(exit_code: Option<i32>) -> Option<u8> {
     let code = exit_code?;
-    (code % 2 == 1).then(|| u8::try_from(code / 2).ok()).flatten()
+    (code % 2 == 1)
+        .then(|| u8::try_from(code / 2).ok())
+        .flatten()
 }
 
 pub fn qemu_available() -> bool {
@@ -146,7 +155,11 @@ mod tests {
     }
 
     fn segments(elf: &[u8]) -> Vec<Segment> {
-        let (phoff, phentsize, phnum) = (u64_at(elf, 0x20) as usize, u16_at(elf, 0x36), u16_at(elf, 0x38));
+        let (phoff, phentsize, phnum) = (
+            u64_at(elf, 0x20) as usize,
+            u16_at(elf, 0x36),
+            u16_at(elf, 0x38),
+        );
         assert_eq!(phentsize, 56);
         (0..usize::from(phnum))
             .map(|i| {
@@ -166,7 +179,11 @@ mod tests {
     fn pvh_entry(elf: &[u8], note: &Segment) -> Option<u32> {
         let mut at = note.offset;
         while at + 12 <= note.offset + note.filesz {
-            let (namesz, descsz, kind) = (u32_at(elf, at) as usize, u32_at(elf, at + 4) as usize, u32_at(elf, at + 8));
+            let (namesz, descsz, kind) = (
+                u32_at(elf, at) as usize,
+                u32_at(elf, at + 4) as usize,
+                u32_at(elf, at + 8),
+            );
             let name = &elf[at + 12..at + 12 + namesz];
             let desc = at + 12 + namesz.next_multiple_of(4);
             if kind == XEN_ELFNOTE_PHYS32_ENTRY && name == b"Xen\0" && descsz >= 4 {
@@ -181,7 +198,11 @@ mod tests {
     fn probe_elf_loads_at_1mib_with_a_pvh_note() {
         let elf = std::fs::read(probe_guest_elf().unwrap()).unwrap();
         assert_eq!(&elf[..4], b"\x7fELF");
-        assert_eq!((elf[4], elf[5], u16_at(&elf, 0x12)), (2, 1, 62), "ELF64, LE, x86-64");
+        assert_eq!(
+            (elf[4], elf[5], u16_at(&elf, 0x12)),
+            (2, 1, 62),
+            "ELF64, LE, x86-64"
+        );
         let segs = segments(&elf);
         let loads: Vec<&Segment> = segs.iter().filter(|s| s.kind == 1).collect();
         assert_eq!(loads.len(), 1, "one PT_LOAD");
@@ -193,7 +214,10 @@ mod tests {
         let entry = u64::from(pvh_entry(&elf, note).expect("a Xen PHYS32_ENTRY note"));
         assert!((load.paddr..end).contains(&entry), "PVH entry {entry:#x}");
         let e_entry = u64_at(&elf, 0x18);
-        assert!((load.paddr..end).contains(&e_entry) && e_entry != entry, "64-bit entry {e_entry:#x}");
+        assert!(
+            (load.paddr..end).contains(&e_entry) && e_entry != entry,
+            "64-bit entry {e_entry:#x}"
+        );
     }
 
     #[test]
@@ -215,16 +239,24 @@ mod tests {
         let mut cmd = qemu_microvm_command(&elf, "tcg", append);
         cmd.args(extra);
         let done = run_with_timeout(&mut cmd, Duration::from_secs(60)).unwrap();
-        Some((qemu_guest_status(done.code()), format!("{}{}", done.stdout, done.stderr)))
+        Some((
+            qemu_guest_status(done.code()),
+            format!("{}{}", done.stdout, done.stderr),
+        ))
     }
 
     #[test]
     fn probe_quick_boot_under_qemu_prints_and_powers_off() {
-        let Some((status, out)) = boot_under_qemu("probe.quick=1", &[]) else { return };
+        let Some((status, out)) = boot_under_qemu("probe.quick=1", &[]) else {
+            return;
+        };
         assert_eq!(status, Some(0), "{out}");
         assert!(out.starts_with("probe: hello\n"), "{out}");
         assert!(out.contains("probe: done status=0\n"), "{out}");
-        assert!(!out.contains("probe: boot"), "quick mode did more than hello: {out}");
+        assert!(
+            !out.contains("probe: boot"),
+            "quick mode did more than hello: {out}"
+        );
     }
 
     #[test]
@@ -237,7 +269,9 @@ mod tests {
         std::fs::write(&disk, image).unwrap();
         let drive = format!("file={},format=raw,if=none,id=d0", disk.display());
         let extra = ["-drive", &drive, "-device", "virtio-blk-device,drive=d0"];
-        let Some((status, out)) = boot_under_qemu("console=ttyS0", &extra) else { return };
+        let Some((status, out)) = boot_under_qemu("console=ttyS0", &extra) else {
+            return;
+        };
         assert_eq!(status, Some(0), "{out}");
         for line in [
             "probe: boot pvh ram=127MiB",
@@ -264,9 +298,14 @@ mod tests {
             "-device",
             "virtio-blk-device,drive=d0",
         ];
-        let Some((status, out)) = boot_under_qemu("", &extra) else { return };
+        let Some((status, out)) = boot_under_qemu("", &extra) else {
+            return;
+        };
         assert_eq!(status, Some(1), "{out}");
-        assert!(out.contains("probe: blk FAIL legacy virtio-mmio version 1"), "{out}");
+        assert!(
+            out.contains("probe: blk FAIL legacy virtio-mmio version 1"),
+            "{out}"
+        );
         assert!(out.contains("probe: done status=1"), "{out}");
     }
 }

@@ -58,7 +58,11 @@ fn describe(outcome: &BootOutcome) -> String {
 fn guest_boots_to_agent_ready_and_powers_off() {
     let kernel = guest_kernel();
     let initramfs = guest_initramfs(Variant::Release);
-    let mut config = QemuBoot::new(kernel.vmlinux.clone(), initramfs.path.clone(), qemu_cmdline());
+    let mut config = QemuBoot::new(
+        kernel.vmlinux.clone(),
+        initramfs.path.clone(),
+        qemu_cmdline(),
+    );
     config.timeout = BOOT_TIMEOUT;
     let outcome = boot(&config);
 
@@ -79,9 +83,22 @@ fn guest_boots_to_agent_ready_and_powers_off() {
         describe(&outcome)
     );
     // The agent ran as PID 1 (not the refusal path) and had iopl.
-    assert!(!outcome.serial.contains("refusing to run"), "{}", describe(&outcome));
-    assert!(!outcome.serial.contains("no VMM ports"), "{}", describe(&outcome));
-    // `quiet` keeps a healthy boot free of kernel noise before the agent.
+    assert!(
+        !outcome.serial.contains("refusing to run"),
+        "{}",
+        describe(&outcome)
+    );
+    assert!(
+        !outcome.serial.contains("no VMM ports"),
+        "{}",
+        describe(&outcome)
+    );
+    // The boot ended by the agent's reboot, not by a kernel panic.
+    assert!(
+        outcome.serial.contains("reboot: Restarting system"),
+        "{}",
+        describe(&outcome)
+    );
     assert!(
         !outcome.serial.contains("Kernel panic"),
         "{}",
@@ -119,7 +136,11 @@ fn kernel_config_has_what_pods_need_and_nothing_excluded() {
         "CONFIG_KVM_GUEST=y",
         "CONFIG_X86_IOPL_IOPERM=y",
     ] {
-        assert!(lines.contains(&wanted), "{wanted} missing from {}", kernel.config.display());
+        assert!(
+            lines.contains(&wanted),
+            "{wanted} missing from {}",
+            kernel.config.display()
+        );
     }
     for unwanted in [
         "CONFIG_MODULES",
@@ -156,6 +177,45 @@ fn debug_image_runs_a_shell_on_the_console() {
     });
     let outcome = boot(&config);
     assert!(outcome.ready_uptime().is_some(), "{}", describe(&outcome));
-    assert!(outcome.serial.contains("shell-42"), "{}", describe(&outcome));
+    assert!(
+        outcome.serial.contains("shell-42"),
+        "{}",
+        describe(&outcome)
+    );
     assert!(outcome.exited_by_itself(), "{}", describe(&outcome));
+}
+
+/// The build refuses a config where kconfig dropped a requested option, and
+/// names it. Uses a throwaway fragment dir, so it stops after configuring.
+#[test]
+fn kernel_build_fails_naming_a_dropped_option() {
+    let fragments = std::env::temp_dir().join(format!(
+        "microvm-fragments-{}-{}",
+        std::process::id(),
+        line!()
+    ));
+    std::fs::create_dir_all(&fragments).expect("create a fragment dir");
+    std::fs::copy(
+        kernel::config_dir().join("base.config"),
+        fragments.join("base.config"),
+    )
+    .expect("copy base.config");
+    // PVH depends on HYPERVISOR_GUEST, which this fragment set never enables.
+    std::fs::write(
+        fragments.join("broken.config"),
+        "# test: an option whose dependency is missing\nCONFIG_PVH=y\n",
+    )
+    .expect("write broken.config");
+    let output = std::process::Command::new("bash")
+        .arg(kernel::build_script())
+        .env("MICROVM_KERNEL_CONFIG_DIR", &fragments)
+        .output()
+        .expect("run build-kernel.sh");
+    let _ = std::fs::remove_dir_all(&fragments);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "the build must fail:\n{stderr}");
+    assert!(
+        stderr.contains("option dropped by kconfig: CONFIG_PVH=y requested in broken.config"),
+        "the failure must name the option:\n{stderr}"
+    );
 }

@@ -234,3 +234,108 @@ fn api_configure_start_state_metrics_and_stop_event() {
     let serial = std::fs::read_to_string(&console).unwrap();
     assert!(serial.contains("probe: hello"), "{serial}");
 }
+
+fn run_probe_with(dir: &TempDir, cmdline: &str, extra: &[&str]) -> (microvm_tests::harness::Finished, String) {
+    let console = dir.join("console.log");
+    let mut cmd = Command::new(binary("microvm-vmm"));
+    cmd.args(["--kernel", probe().to_str().unwrap(), "--cmdline", cmdline])
+        .args(["--serial-output", console.to_str().unwrap()])
+        .args(extra);
+    let done = run_with_timeout(&mut cmd, Duration::from_secs(60)).unwrap();
+    let serial = std::fs::read_to_string(&console).unwrap_or_default();
+    (done, serial)
+}
+
+#[test]
+fn guest_reboot_is_exit_code_4() {
+    let dir = TempDir::new("probe-reboot");
+    let (done, serial) = run_probe_with(&dir, "probe.exit=reboot", &[]);
+    assert_eq!(done.code(), Some(4), "serial:\n{serial}\nstderr:\n{}", done.stderr);
+    assert!(serial.contains("probe: rebooting"), "{serial}");
+    assert!(done.stderr.contains("VM stopped: guest rebooted"), "{}", done.stderr);
+}
+
+#[test]
+fn triple_fault_is_exit_code_5() {
+    let dir = TempDir::new("probe-triple");
+    let (done, serial) = run_probe_with(&dir, "probe.exit=triple-fault", &[]);
+    assert_eq!(done.code(), Some(5), "serial:\n{serial}\nstderr:\n{}", done.stderr);
+    assert!(serial.contains("probe: triple faulting"), "{serial}");
+    assert!(done.stderr.contains("VM stopped: guest triple-faulted"), "{}", done.stderr);
+}
+
+#[test]
+fn tap_backed_net_device_is_offered_and_the_tap_removed_after() {
+    if !Path::new("/dev/net/tun").exists() {
+        panic!("/dev/net/tun is missing: this test needs tap support");
+    }
+    let dir = TempDir::new("probe-tap");
+    let tap = format!("mvt{}", std::process::id() % 100_000);
+    let (done, serial) = run_probe_with(&dir, "console=ttyS0", &["--tap", &tap]);
+    assert_eq!(done.code(), Some(0), "serial:\n{serial}\nstderr:\n{}", done.stderr);
+    assert!(serial.contains(" id=1 version=2"), "no virtio-net device seen by the guest:\n{serial}");
+    assert!(serial.contains(" id=4 version=2"), "no virtio-rng device seen by the guest:\n{serial}");
+    assert!(!Path::new(&format!("/sys/class/net/{tap}")).exists(), "tap {tap} left behind");
+}
+
+#[test]
+fn api_pause_resume_metrics_and_graceful_shutdown_timeout() {
+    let dir = TempDir::new("probe-pause");
+    let sock = dir.join("api.sock");
+    let console = dir.join("console.log");
+    let mut child = ChildGuard(Some(
+        Command::new(binary("microvm-vmm"))
+            .args(["--api-sock", sock.to_str().unwrap(), "--log-level", "warn"])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
+    assert!(wait_for_path(&sock, Duration::from_secs(10)), "API socket never appeared");
+    let mut api = Api::connect(&sock);
+    let config = serde_json::json!({
+        "boot": {"kernel": probe(), "cmdline": "probe.idle=1"},
+        "serial": {"output": console},
+        "disks": [{"path": make_disk(&dir), "read_only": true}],
+    });
+    assert_eq!(api.call(serde_json::json!({"action": "configure", "config": config}))["ok"], true);
+    assert_eq!(api.call(serde_json::json!({"action": "start"}))["ok"], true);
+    assert!(
+        wait_for_text(&console, "probe: idle status=0", Duration::from_secs(30)),
+        "probe never went idle:\n{}",
+        std::fs::read_to_string(&console).unwrap_or_default()
+    );
+    let paused = api.call(serde_json::json!({"action": "pause"}));
+    assert_eq!(paused["result"]["state"], "paused", "{paused}");
+    let again = api.call(serde_json::json!({"action": "pause"}));
+    assert!(again["error"].as_str().unwrap().contains("cannot pause: VM is paused"), "{again}");
+    let state = api.call(serde_json::json!({"action": "state"}));
+    assert_eq!(state["result"]["state"], "paused");
+    assert!(state["result"]["boot_time_ms"].as_f64().unwrap() > 0.0, "{state}");
+    let metrics = api.call(serde_json::json!({"action": "metrics"}));
+    let m = &metrics["result"];
+    assert!(m["exits"]["io_out"].as_u64().unwrap() > 10, "{metrics}");
+    assert!(m["exits"]["mmio_write"].as_u64().unwrap() > 0, "{metrics}");
+    assert!(m["serial"]["bytes_written"].as_u64().unwrap() > 0, "{metrics}");
+    assert!(m["virtio"]["disks[0]"].is_object(), "{metrics}");
+    let resumed = api.call(serde_json::json!({"action": "resume"}));
+    assert_eq!(resumed["result"]["state"], "running", "{resumed}");
+    // The probe has no keyboard driver, so graceful shutdown times out and
+    // the VMM forces it.
+    let shutdown = api.call(serde_json::json!({"action": "shutdown", "graceful": true, "timeout_ms": 200}));
+    assert_eq!(shutdown["ok"], true, "{shutdown}");
+    let status = child.0.as_mut().unwrap().wait().unwrap();
+    child.0 = None;
+    assert_eq!(status.code(), Some(0));
+    assert!(!sock.exists());
+}
+
+fn wait_for_text(path: &Path, text: &str, timeout: Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if std::fs::read_to_string(path).unwrap_or_default().contains(text) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}

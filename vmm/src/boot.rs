@@ -111,8 +111,10 @@ fn entry_for(result: &KernelLoaderResult) -> (LoadedKernel, Option<boot_params>)
     let kernel_end = result.kernel_end;
     if let Some(header) = result.setup_header {
         // bzImage: protected-mode code at kernel_load, 64-bit entry 0x200 in.
-        let mut params = boot_params::default();
-        params.hdr = header;
+        let params = boot_params {
+            hdr: header,
+            ..Default::default()
+        };
         let entry = result.kernel_load.raw_value() + BZIMAGE_64BIT_ENTRY_OFFSET;
         return (
             LoadedKernel {

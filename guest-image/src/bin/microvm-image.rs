@@ -99,7 +99,14 @@ fn run(command: Cmd) -> anyhow::Result<()> {
             print_initramfs(&initramfs);
         }
         Cmd::Cmdline { qemu } => {
-            println!("{}", if qemu { qemu_cmdline() } else { KERNEL_CMDLINE.to_owned() });
+            println!(
+                "{}",
+                if qemu {
+                    qemu_cmdline()
+                } else {
+                    KERNEL_CMDLINE.to_owned()
+                }
+            );
         }
         Cmd::Figures { runs } => {
             let kernel = kernel::kernel()?;
@@ -116,8 +123,13 @@ fn run(command: Cmd) -> anyhow::Result<()> {
 }
 
 fn build_initramfs(debug: bool) -> anyhow::Result<initramfs::InitramfsArtifact> {
-    let variant = if debug { Variant::Debug } else { Variant::Release };
-    initramfs::initramfs(variant).with_context(|| format!("building the {} initramfs", variant.name()))
+    let variant = if debug {
+        Variant::Debug
+    } else {
+        Variant::Release
+    };
+    initramfs::initramfs(variant)
+        .with_context(|| format!("building the {} initramfs", variant.name()))
 }
 
 fn print_kernel(kernel: &kernel::KernelArtifacts) {

@@ -6,9 +6,9 @@
  *
  * Two ways in:
  *  - pvh_entry (Xen PVH note): 32-bit protected mode, paging off, EBX =
- *    hvm_start_info. ~33 instructions to ring 3.
+ *    hvm_start_info. 38 instructions to ring 3.
  *  - linux64_entry (ELF e_entry): 64-bit Linux boot protocol, long mode
- *    already on with the VMM's identity map, RSI = boot_params. ~25
+ *    already on with the VMM's identity map, RSI = boot_params. 28
  *    instructions to ring 3. A fallback for a VMM that sets up long mode
  *    itself.
  * Both end in enter_ring3, which irets to user_start with IOPL=3, IF=0 and
@@ -37,6 +37,8 @@
     .equ BOOT_KIND_LINUX64, 2
 /* Must match HALT_MAGIC in src/probe.rs. */
     .equ HALT_MAGIC, 0x484c5421
+/* Must match TRIPLE_FAULT_MAGIC in src/probe.rs. */
+    .equ TRIPLE_FAULT_MAGIC, 0x54524950
 
 /* ---------------------------------------------------------------------- */
 /* Xen PVH note: XEN_ELFNOTE_PHYS32_ENTRY (18). The descriptor is 8 bytes
@@ -161,6 +163,8 @@ fault_common:
     jne 5f
     cmpl $HALT_MAGIC, %eax
     je halt_forever
+    cmpl $TRIPLE_FAULT_MAGIC, %eax
+    je triple_fault
 5:
     incl fault_depth
     cmpl $1, fault_depth
@@ -201,6 +205,12 @@ halt_forever:
     cli
     hlt
     jmp halt_forever
+
+/* Ring 3 asks for a triple fault (to test the VMM's stop reason): with an
+ * empty IDT, #UD cannot be delivered, nor can the #GP and #DF that follow. */
+triple_fault:
+    lidt null_idt_ptr
+    ud2
 
 /* Prints rbx as 16 hex digits and a space on port dx. */
 print_hex64:
@@ -281,6 +291,10 @@ gdt_ptr:
 idt_ptr:
     .word 32 * 16 - 1
     .quad probe_idt
+
+null_idt_ptr:
+    .word 0
+    .quad 0
 
     .balign 16
 tss:

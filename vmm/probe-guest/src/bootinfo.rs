@@ -75,9 +75,9 @@ pub unsafe fn parse(kind: BootKind, info: u64) -> BootInfo {
         boot.problem = Some("no boot info pointer");
         return boot;
     }
-    // SAFETY (all reads below): the caller guarantees the structure is
-    // readable; offsets are within the fixed-size structures.
     match kind {
+        // SAFETY: the caller guarantees the structure and what it points to
+        // are readable; the offsets are within the fixed-size structure.
         BootKind::Pvh => unsafe {
             if read::<u32>(base, 0) != PVH_START_MAGIC {
                 boot.problem = Some("bad hvm_start_info magic");
@@ -90,6 +90,7 @@ pub unsafe fn parse(kind: BootKind, info: u64) -> BootInfo {
                 boot.ram_bytes = ram_in_map(map, entries, PVH_MEMMAP_ENTRY_SIZE);
             }
         },
+        // SAFETY: as above, for the 4 KiB zero page.
         BootKind::Linux64 => unsafe {
             let low = u64::from(read::<u32>(base, ZP_CMD_LINE_PTR));
             let high = u64::from(read::<u32>(base, ZP_EXT_CMD_LINE_PTR));

@@ -76,7 +76,8 @@ fn parse_number(text: &[u8]) -> Option<u64> {
     }
     digits.iter().try_fold(0u64, |acc, &b| {
         let digit = char::from(b).to_digit(radix)?;
-        acc.checked_mul(u64::from(radix))?.checked_add(u64::from(digit))
+        acc.checked_mul(u64::from(radix))?
+            .checked_add(u64::from(digit))
     })
 }
 
@@ -100,9 +101,21 @@ mod tests {
         assert_eq!(
             found,
             [
-                MmioDeviceParam { base: 0xfeb0_0e00, size: 512, irq: 12 },
-                MmioDeviceParam { base: 0xd000_1000, size: 4096, irq: 6 },
-                MmioDeviceParam { base: 0xd000_0000, size: 1 << 20, irq: 7 },
+                MmioDeviceParam {
+                    base: 0xfeb0_0e00,
+                    size: 512,
+                    irq: 12
+                },
+                MmioDeviceParam {
+                    base: 0xd000_1000,
+                    size: 4096,
+                    irq: 6
+                },
+                MmioDeviceParam {
+                    base: 0xd000_0000,
+                    size: 1 << 20,
+                    irq: 7
+                },
             ]
         );
     }
@@ -114,6 +127,13 @@ mod tests {
                      virtio_mmio.device=4K@0x1000 virtio_mmio.device=4K@0x1000:99999999999 \
                      virtio_mmio.device=99999999999G@0x1000:5 virtio_mmio.device=4K@0x2000:010";
         let found: std::vec::Vec<_> = virtio_mmio_devices(line).collect();
-        assert_eq!(found, [MmioDeviceParam { base: 0x2000, size: 4096, irq: 8 }]);
+        assert_eq!(
+            found,
+            [MmioDeviceParam {
+                base: 0x2000,
+                size: 4096,
+                irq: 8
+            }]
+        );
     }
 }

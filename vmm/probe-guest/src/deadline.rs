@@ -90,7 +90,13 @@ mod tests {
     #[test]
     fn poll_returns_value_or_times_out() {
         let mut calls = 0;
-        assert_eq!(poll(1000, || { calls += 1; (calls == 3).then_some(7) }), Some(7));
+        assert_eq!(
+            poll(1000, || {
+                calls += 1;
+                (calls == 3).then_some(7)
+            }),
+            Some(7)
+        );
         let start = std::time::Instant::now();
         assert_eq!(poll::<()>(20, || None), None);
         let waited = start.elapsed();

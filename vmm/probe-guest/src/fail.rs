@@ -11,11 +11,17 @@ pub struct Fail {
 
 impl Fail {
     pub const fn new(reason: &'static str) -> Self {
-        Self { reason, value: None }
+        Self {
+            reason,
+            value: None,
+        }
     }
 
     pub const fn with(reason: &'static str, value: u64) -> Self {
-        Self { reason, value: Some(value) }
+        Self {
+            reason,
+            value: Some(value),
+        }
     }
 }
 
@@ -36,7 +42,10 @@ mod tests {
 
     #[test]
     fn display_shows_value_in_hex() {
-        assert_eq!(std::format!("{}", Fail::with("bad id", 31)), "bad id (0x1f)");
+        assert_eq!(
+            std::format!("{}", Fail::with("bad id", 31)),
+            "bad id (0x1f)"
+        );
         assert_eq!(std::format!("{}", Fail::new("timeout")), "timeout");
     }
 }

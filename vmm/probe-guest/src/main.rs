@@ -115,11 +115,23 @@ extern "C" fn probe_fault(frame: *const FaultFrame, cr2: u64) -> ! {
     let f = unsafe { &*frame };
     say!(
         "FAULT vector={} error={:#x} rip={:#x} cs={:#x} rflags={:#x} rsp={:#x} cr2={:#x}",
-        f.vector, f.error, f.rip, f.cs, f.rflags, f.rsp, cr2
+        f.vector,
+        f.error,
+        f.rip,
+        f.cs,
+        f.rflags,
+        f.rsp,
+        cr2
     );
     say!("done status=1");
     shutdown(1)
 }
+
+/// The prebuilt libcore is compiled with unwinding, and without LTO (dev
+/// builds) its objects still name this symbol. With `panic = "abort"` nothing
+/// ever calls it.
+#[no_mangle]
+extern "C" fn rust_eh_personality() {}
 
 #[panic_handler]
 fn panic(info: &PanicInfo) -> ! {
@@ -137,7 +149,12 @@ fn install_idt() {
         for (i, byte) in gate.iter().enumerate() {
             // SAFETY: in bounds of the IDT; nothing else uses it until a
             // fault, and the CPU reads it only then.
-            unsafe { (&raw mut probe_idt).cast::<u8>().add(vector * 16 + i).write_volatile(*byte) };
+            unsafe {
+                (&raw mut probe_idt)
+                    .cast::<u8>()
+                    .add(vector * 16 + i)
+                    .write_volatile(*byte)
+            };
         }
     }
 }

@@ -3,7 +3,9 @@
 //!
 //! Command-line switches: `probe.quick=1` stops right after the boot timer
 //! (start-up benchmark); `probe.idle=1` halts instead of shutting down at the
-//! end (memory benchmark of an idle VM).
+//! end (memory benchmark of an idle VM); `probe.exit=reboot` and
+//! `probe.exit=triple-fault` end the run with an i8042 reset or a triple
+//! fault instead of the shutdown port (tests of the VMM's stop reasons).
 
 use crate::bootinfo::{self, BootKind};
 use crate::cmdline;
@@ -41,6 +43,16 @@ pub unsafe fn run(kind: u64, info: u64) -> ! {
     // SAFETY: the entry stub passed the loader's pointer; 0-4 GiB is mapped.
     let boot = unsafe { bootinfo::parse(BootKind::from_raw(kind), info) };
     let idle = cmdline::has_param(boot.cmdline, b"probe.idle=1");
+    if cmdline::has_param(boot.cmdline, b"probe.exit=reboot") {
+        say!("rebooting");
+        // SAFETY: the i8042 reset command exists to end the VM.
+        unsafe { outb(pio::I8042_COMMAND, pio::I8042_RESET_CPU) };
+        halt_forever();
+    }
+    if cmdline::has_param(boot.cmdline, b"probe.exit=triple-fault") {
+        say!("triple faulting");
+        triple_fault();
+    }
     if cmdline::has_param(boot.cmdline, b"probe.quick=1") {
         finish(0, idle);
     }
@@ -55,11 +67,11 @@ pub unsafe fn run(kind: u64, info: u64) -> ! {
     let mut failed = false;
     let first = |id: u32| devices.iter().flatten().find(|d| d.id.device_id == id);
     match first(vsock::DEVICE_ID) {
-        Some(found) => failed |= step("vsock", found, |mmio| vsock::run(mmio)),
+        Some(found) => failed |= step("vsock", found, vsock::run),
         None => say!("vsock absent"),
     }
     match first(blk::DEVICE_ID) {
-        Some(found) => failed |= step("blk", found, |mmio| blk::run(mmio)),
+        Some(found) => failed |= step("blk", found, blk::run),
         None => say!("blk absent"),
     }
     finish(u8::from(failed), idle)
@@ -79,7 +91,11 @@ fn finish(status: u8, idle: bool) -> ! {
 /// Runs one device's test; prints `FAIL <reason>` and returns true on failure.
 fn step(name: &str, found: &Found, test: impl FnOnce(&Mmio) -> crate::fail::Result<()>) -> bool {
     if found.id.version != 2 {
-        say!("{} FAIL legacy virtio-mmio version {}", name, found.id.version);
+        say!(
+            "{} FAIL legacy virtio-mmio version {}",
+            name,
+            found.id.version
+        );
         return true;
     }
     // SAFETY: `discover` saw the virtio magic at this base.
@@ -105,7 +121,12 @@ fn discover(cmdline: &[u8]) -> [Option<Found>; MAX_DEVICES] {
         // is a slot of our VMM's window, where empty slots read as zero.
         let mmio = unsafe { Mmio::new(base) };
         if let Some(id) = mmio.identify() {
-            say!("virtio-mmio {:#x} id={} version={}", base, id.device_id, id.version);
+            say!(
+                "virtio-mmio {:#x} id={} version={}",
+                base,
+                id.device_id,
+                id.version
+            );
             if count < MAX_DEVICES {
                 found[count] = Some(Found { base, id });
                 count += 1;
@@ -114,10 +135,19 @@ fn discover(cmdline: &[u8]) -> [Option<Found>; MAX_DEVICES] {
     };
     for param in cmdline::virtio_mmio_devices(cmdline) {
         named += 1;
-        if param.size >= MIN_WINDOW && param.base.checked_add(param.size).is_some_and(|end| end <= 1 << 32) {
+        if param.size >= MIN_WINDOW
+            && param
+                .base
+                .checked_add(param.size)
+                .is_some_and(|end| end <= 1 << 32)
+        {
             add(param.base);
         } else {
-            say!("virtio-mmio entry {:#x} size {:#x} ignored", param.base, param.size);
+            say!(
+                "virtio-mmio entry {:#x} size {:#x} ignored",
+                param.base,
+                param.size
+            );
         }
     }
     if named == 0 {
@@ -138,6 +168,16 @@ pub fn shutdown(status: u8) -> ! {
         outb(pio::I8042_COMMAND, pio::I8042_RESET_CPU);
     }
     halt_forever()
+}
+
+/// Tells boot.s's #UD handler that a `ud2` is a request for a triple fault.
+pub const TRIPLE_FAULT_MAGIC: u32 = 0x5452_4950;
+
+fn triple_fault() -> ! {
+    loop {
+        // SAFETY: the #UD handler recognises the magic and never returns.
+        unsafe { core::arch::asm!("ud2", in("eax") TRIPLE_FAULT_MAGIC, options(nomem, nostack)) };
+    }
 }
 
 /// Tells boot.s's #UD handler that a `ud2` is a request to halt.

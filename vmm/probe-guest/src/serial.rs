@@ -51,7 +51,11 @@ pub struct Printable<'a>(pub &'a [u8]);
 impl fmt::Display for Printable<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for &byte in self.0 {
-            let c = if (0x20..0x7f).contains(&byte) { char::from(byte) } else { '.' };
+            let c = if (0x20..0x7f).contains(&byte) {
+                char::from(byte)
+            } else {
+                '.'
+            };
             fmt::Write::write_char(f, c)?;
         }
         Ok(())

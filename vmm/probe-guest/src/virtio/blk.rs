@@ -57,7 +57,9 @@ pub fn run(mmio: &Mmio) -> Result<()> {
         let mut mark = [0u8; WRITE_MARK.len()];
         back.copy_to(0, &mut mark);
         if mark != WRITE_MARK {
-            return Err(Fail::new("sector 1 read back differs from what was written"));
+            return Err(Fail::new(
+                "sector 1 read back differs from what was written",
+            ));
         }
     }
     mmio.check_health()?;
@@ -97,7 +99,8 @@ impl<N: Notify> Disk<N> {
     /// Writes `bytes` followed by zeros to one sector.
     pub fn write(&mut self, sector: u64, bytes: &[u8]) -> Result<()> {
         self.data.fill(0);
-        self.data.copy_from(0, &bytes[..bytes.len().min(SECTOR_SIZE)]);
+        self.data
+            .copy_from(0, &bytes[..bytes.len().min(SECTOR_SIZE)]);
         self.request(T_OUT, sector, Some(false))
     }
 
@@ -114,8 +117,12 @@ impl<N: Notify> Disk<N> {
         let header = Segment::out(&self.header);
         let status = Segment::input(&self.status);
         let head = match data {
-            Some(true) => self.queue.add(&[header, Segment::input(&self.data), status])?,
-            Some(false) => self.queue.add(&[header, Segment::out(&self.data), status])?,
+            Some(true) => self
+                .queue
+                .add(&[header, Segment::input(&self.data), status])?,
+            Some(false) => self
+                .queue
+                .add(&[header, Segment::out(&self.data), status])?,
             None => self.queue.add(&[header, status])?,
         };
         self.notify.notify(0);
@@ -123,13 +130,19 @@ impl<N: Notify> Disk<N> {
         let used = deadline::poll(self.timeout_ms, || queue.pop_used().transpose())
             .ok_or(Fail::with("request timed out, type", u64::from(kind)))??;
         if used.head != head {
-            return Err(Fail::with("device completed an unknown request", u64::from(used.head)));
+            return Err(Fail::with(
+                "device completed an unknown request",
+                u64::from(used.head),
+            ));
         }
         match self.status.read::<u8>(0) {
             S_OK => Ok(()),
             S_IOERR => Err(Fail::with("I/O error, type", u64::from(kind))),
             S_UNSUPP => Err(Fail::with("unsupported request, type", u64::from(kind))),
-            S_UNSET => Err(Fail::with("device left status unwritten, type", u64::from(kind))),
+            S_UNSET => Err(Fail::with(
+                "device left status unwritten, type",
+                u64::from(kind),
+            )),
             other => Err(Fail::with("bad status", u64::from(other))),
         }
     }
@@ -202,9 +215,17 @@ mod tests {
         stop.store(true, Ordering::Relaxed);
         server.join().unwrap();
         let image = image.lock().unwrap();
-        assert_eq!(&image[SECTOR_SIZE..SECTOR_SIZE + WRITE_MARK.len()], WRITE_MARK);
-        assert!(image[SECTOR_SIZE + WRITE_MARK.len()..2 * SECTOR_SIZE].iter().all(|&b| b == 0));
-        assert_eq!(*requests.lock().unwrap(), [(T_IN, 0), (T_OUT, 1), (T_FLUSH, 0)]);
+        assert_eq!(
+            &image[SECTOR_SIZE..SECTOR_SIZE + WRITE_MARK.len()],
+            WRITE_MARK
+        );
+        assert!(image[SECTOR_SIZE + WRITE_MARK.len()..2 * SECTOR_SIZE]
+            .iter()
+            .all(|&b| b == 0));
+        assert_eq!(
+            *requests.lock().unwrap(),
+            [(T_IN, 0), (T_OUT, 1), (T_FLUSH, 0)]
+        );
     }
 
     #[test]
@@ -215,7 +236,10 @@ mod tests {
         let requests = Arc::new(Mutex::new(Vec::new()));
         let server = serve(&queue, image, requests, Some(S_IOERR), stop.clone());
         let mut disk = Disk::new(NoNotify, queue, 2000).unwrap();
-        assert_eq!(disk.read(0).map(|_| ()), Err(Fail::with("I/O error, type", 0)));
+        assert_eq!(
+            disk.read(0).map(|_| ()),
+            Err(Fail::with("I/O error, type", 0))
+        );
         stop.store(true, Ordering::Relaxed);
         server.join().unwrap();
     }
@@ -224,6 +248,9 @@ mod tests {
     fn silent_device_times_out() {
         let queue = SplitQueue::new(4).unwrap();
         let mut disk = Disk::new(NoNotify, queue, 50).unwrap();
-        assert_eq!(disk.flush(), Err(Fail::with("request timed out, type", T_FLUSH.into())));
+        assert_eq!(
+            disk.flush(),
+            Err(Fail::with("request timed out, type", T_FLUSH.into()))
+        );
     }
 }

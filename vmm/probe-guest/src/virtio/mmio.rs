@@ -52,7 +52,9 @@ impl Mmio {
     /// space where 32-bit reads and writes have no harmful effect (an empty
     /// slot reads as zeros or all-ones).
     pub unsafe fn new(base: u64) -> Self {
-        Self { base: base as usize }
+        Self {
+            base: base as usize,
+        }
     }
 
     pub fn base(&self) -> u64 {
@@ -141,14 +143,21 @@ impl Mmio {
         let queue = SplitQueue::new(size)?;
         self.write(QUEUE_NUM, u32::from(size));
         write_pair(self, QUEUE_DESC_LOW, QUEUE_DESC_HIGH, queue.desc_addr());
-        write_pair(self, QUEUE_DRIVER_LOW, QUEUE_DRIVER_HIGH, queue.avail_addr());
+        write_pair(
+            self,
+            QUEUE_DRIVER_LOW,
+            QUEUE_DRIVER_HIGH,
+            queue.avail_addr(),
+        );
         write_pair(self, QUEUE_DEVICE_LOW, QUEUE_DEVICE_HIGH, queue.used_addr());
         self.write(QUEUE_READY, 1);
         Ok(queue)
     }
 
     pub fn driver_ok(&self) -> Result<()> {
-        self.set_status(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
+        self.set_status(
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
         self.check_health()
     }
 

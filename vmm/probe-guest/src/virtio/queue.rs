@@ -25,12 +25,20 @@ pub struct Segment {
 impl Segment {
     /// A buffer the device reads.
     pub fn out(buf: &DmaBuf) -> Self {
-        Self { addr: buf.addr(), len: len_u32(buf), device_writes: false }
+        Self {
+            addr: buf.addr(),
+            len: len_u32(buf),
+            device_writes: false,
+        }
     }
 
     /// A buffer the device writes.
     pub fn input(buf: &DmaBuf) -> Self {
-        Self { addr: buf.addr(), len: len_u32(buf), device_writes: true }
+        Self {
+            addr: buf.addr(),
+            len: len_u32(buf),
+            device_writes: true,
+        }
     }
 }
 
@@ -130,7 +138,8 @@ impl SplitQueue {
             self.desc.write::<u64>(base, segment.addr);
             self.desc.write::<u32>(base + 8, segment.len);
             self.desc.write::<u16>(base + 12, flags);
-            self.desc.write::<u16>(base + 14, if last { 0 } else { ids[i + 1] });
+            self.desc
+                .write::<u16>(base + 14, if last { 0 } else { ids[i + 1] });
         }
         let head = ids[0];
         self.chains[usize::from(head)] = (ids, segments.len() as u8);
@@ -158,7 +167,9 @@ impl SplitQueue {
         fence(Ordering::Acquire);
         let slot = usize::from(self.last_used % self.size);
         let id = self.used.read::<u32>(RING_HEADER + USED_ELEM_SIZE * slot);
-        let len = self.used.read::<u32>(RING_HEADER + USED_ELEM_SIZE * slot + 4);
+        let len = self
+            .used
+            .read::<u32>(RING_HEADER + USED_ELEM_SIZE * slot + 4);
         self.last_used = self.last_used.wrapping_add(1);
         let head = u16::try_from(id)
             .ok()
@@ -227,7 +238,11 @@ pub(crate) mod tests {
             loop {
                 let d = self.desc + 16 * u64::from(id);
                 let flags = peek::<u16>(d + 12);
-                chain.push((peek::<u64>(d), peek::<u32>(d + 8), flags & DESC_F_WRITE != 0));
+                chain.push((
+                    peek::<u64>(d),
+                    peek::<u32>(d + 8),
+                    flags & DESC_F_WRITE != 0,
+                ));
                 if flags & DESC_F_NEXT == 0 {
                     break;
                 }
@@ -299,13 +314,27 @@ pub(crate) mod tests {
         // Past 65536 so both ring indices wrap.
         for _ in 0..(70_000 / 2) {
             let first = queue.add(&[Segment::out(&buf)]).unwrap();
-            let second = queue.add(&[Segment::input(&buf), Segment::input(&buf)]).unwrap();
+            let second = queue
+                .add(&[Segment::input(&buf), Segment::input(&buf)])
+                .unwrap();
             assert_eq!(device.pop().unwrap().0, first);
             assert_eq!(device.pop().unwrap().0, second);
             device.complete(u32::from(second), 5);
             device.complete(u32::from(first), 0);
-            assert_eq!(queue.pop_used().unwrap(), Some(Used { head: second, len: 5 }));
-            assert_eq!(queue.pop_used().unwrap(), Some(Used { head: first, len: 0 }));
+            assert_eq!(
+                queue.pop_used().unwrap(),
+                Some(Used {
+                    head: second,
+                    len: 5
+                })
+            );
+            assert_eq!(
+                queue.pop_used().unwrap(),
+                Some(Used {
+                    head: first,
+                    len: 0
+                })
+            );
         }
         assert_eq!(queue.free_descriptors(), 8);
     }
@@ -314,8 +343,13 @@ pub(crate) mod tests {
     fn full_queue_is_an_error_not_a_panic() {
         let mut queue = SplitQueue::new(2).unwrap();
         let buf = dma::alloc(8, 8).unwrap();
-        queue.add(&[Segment::out(&buf), Segment::out(&buf)]).unwrap();
-        assert_eq!(queue.add(&[Segment::out(&buf)]), Err(Fail::new("virtqueue full")));
+        queue
+            .add(&[Segment::out(&buf), Segment::out(&buf)])
+            .unwrap();
+        assert_eq!(
+            queue.add(&[Segment::out(&buf)]),
+            Err(Fail::new("virtqueue full"))
+        );
         assert!(queue.add(&[]).is_err());
         assert!(SplitQueue::new(3).is_err());
         assert!(SplitQueue::new(64).is_err());
@@ -329,12 +363,18 @@ pub(crate) mod tests {
         let head = queue.add(&[Segment::out(&buf)]).unwrap();
         device.pop().unwrap();
         device.complete(3, 0); // never handed out
-        assert_eq!(queue.pop_used(), Err(Fail::with("used id not in flight", 3)));
+        assert_eq!(
+            queue.pop_used(),
+            Err(Fail::with("used id not in flight", 3))
+        );
         device.complete(u32::from(head), 0);
         assert_eq!(queue.pop_used().unwrap().unwrap().head, head);
         device.complete(u32::from(head), 0); // completed twice
         assert!(queue.pop_used().is_err());
         poke::<u16>(device.used + 2, device.next_used.wrapping_add(100));
-        assert_eq!(queue.pop_used(), Err(Fail::with("used index ran ahead", 103)));
+        assert_eq!(
+            queue.pop_used(),
+            Err(Fail::with("used index ran ahead", 103))
+        );
     }
 }

@@ -82,7 +82,18 @@ impl Header {
     }
 
     pub fn from_bytes(b: &[u8; HDR_SIZE]) -> Self {
-        let u64_at = |i: usize| u64::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3], b[i + 4], b[i + 5], b[i + 6], b[i + 7]]);
+        let u64_at = |i: usize| {
+            u64::from_le_bytes([
+                b[i],
+                b[i + 1],
+                b[i + 2],
+                b[i + 3],
+                b[i + 4],
+                b[i + 5],
+                b[i + 6],
+                b[i + 7],
+            ])
+        };
         let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
         let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
         Self {
@@ -110,7 +121,12 @@ pub struct Timeouts {
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Self { connect_ms: 5000, echo_ms: 5000, tx_ms: 2000, close_ms: 1000 }
+        Self {
+            connect_ms: 5000,
+            echo_ms: 5000,
+            tx_ms: 2000,
+            close_ms: 1000,
+        }
     }
 }
 
@@ -186,9 +202,13 @@ impl<N: Notify> Connection<N> {
         if rx_buffers == 0 {
             return Err(Fail::with("rx queue too small", u64::from(rx.size())));
         }
-        let mut rx_bufs = [(dma::alloc(0, 1).ok_or(oom)?, dma::alloc(0, 1).ok_or(oom)?); RX_BUFFERS];
+        let mut rx_bufs =
+            [(dma::alloc(0, 1).ok_or(oom)?, dma::alloc(0, 1).ok_or(oom)?); RX_BUFFERS];
         for slot in rx_bufs.iter_mut().take(rx_buffers) {
-            *slot = (dma::alloc(HDR_SIZE, 8).ok_or(oom)?, dma::alloc(RX_DATA_SIZE, 8).ok_or(oom)?);
+            *slot = (
+                dma::alloc(HDR_SIZE, 8).ok_or(oom)?,
+                dma::alloc(RX_DATA_SIZE, 8).ok_or(oom)?,
+            );
         }
         let mut conn = Self {
             notify,
@@ -229,7 +249,12 @@ impl<N: Notify> Connection<N> {
                 op::RESPONSE => break,
                 op::CREDIT_UPDATE => continue,
                 op::RST => return Err(Fail::new("connection refused (RST)")),
-                other => return Err(Fail::with("unexpected op while connecting", u64::from(other))),
+                other => {
+                    return Err(Fail::with(
+                        "unexpected op while connecting",
+                        u64::from(other),
+                    ))
+                }
             }
         }
         if self.peer_credit() < ECHO.len() as u32 {
@@ -237,7 +262,10 @@ impl<N: Notify> Connection<N> {
             while self.peer_credit() < ECHO.len() as u32 {
                 let packet = self.next(self.timeouts.echo_ms, "no credit from host")?;
                 if packet.hdr.op != op::CREDIT_UPDATE {
-                    return Err(Fail::with("unexpected op while waiting for credit", u64::from(packet.hdr.op)));
+                    return Err(Fail::with(
+                        "unexpected op while waiting for credit",
+                        u64::from(packet.hdr.op),
+                    ));
                 }
             }
         }
@@ -300,7 +328,9 @@ impl<N: Notify> Connection<N> {
 
     fn post_rx(&mut self, slot: usize) -> Result<()> {
         let (hdr, data) = self.rx_bufs[slot];
-        let head = self.rx.add(&[Segment::input(&hdr), Segment::input(&data)])?;
+        let head = self
+            .rx
+            .add(&[Segment::input(&hdr), Segment::input(&data)])?;
         self.rx_slot_of_head[usize::from(head)] = slot as u8;
         Ok(())
     }
@@ -324,17 +354,23 @@ impl<N: Notify> Connection<N> {
             fwd_cnt: self.fwd_cnt,
         };
         self.tx_hdr.copy_from(0, &header.to_bytes());
-        let data = self.tx_data.slice(0, payload.len()).ok_or(Fail::new("tx buffer"))?;
+        let data = self
+            .tx_data
+            .slice(0, payload.len())
+            .ok_or(Fail::new("tx buffer"))?;
         data.copy_from(0, payload);
         if payload.is_empty() {
             self.tx.add(&[Segment::out(&self.tx_hdr)])?;
         } else {
-            self.tx.add(&[Segment::out(&self.tx_hdr), Segment::out(&data)])?;
+            self.tx
+                .add(&[Segment::out(&self.tx_hdr), Segment::out(&data)])?;
         }
         self.notify.notify(TX_QUEUE);
         let tx = &mut self.tx;
-        deadline::poll(self.timeouts.tx_ms, || tx.pop_used().transpose())
-            .ok_or(Fail::with("device did not take tx packet, op", u64::from(op)))??;
+        deadline::poll(self.timeouts.tx_ms, || tx.pop_used().transpose()).ok_or(Fail::with(
+            "device did not take tx packet, op",
+            u64::from(op),
+        ))??;
         if op == op::RW {
             self.tx_cnt = self.tx_cnt.wrapping_add(payload.len() as u32);
         }
@@ -367,7 +403,12 @@ impl<N: Notify> Connection<N> {
                 if self.strays <= STRAY_REPORTS {
                     say!(
                         "vsock stray packet op={} {}:{} -> {}:{} type={}",
-                        h.op, h.src_cid, h.src_port, h.dst_cid, h.dst_port, h.kind
+                        h.op,
+                        h.src_cid,
+                        h.src_port,
+                        h.dst_cid,
+                        h.dst_port,
+                        h.kind
                     );
                 }
                 continue;
@@ -405,7 +446,10 @@ impl<N: Notify> Connection<N> {
         self.post_rx(usize::from(slot))?;
         self.notify.notify(RX_QUEUE);
         if !fits {
-            return Err(Fail::with("rx used length does not cover packet", u64::from(used.len)));
+            return Err(Fail::with(
+                "rx used length does not cover packet",
+                u64::from(used.len),
+            ));
         }
         Ok(Some(Packet { hdr, data }))
     }
@@ -442,9 +486,12 @@ mod tests {
         }
     }
 
+    /// Packets as (header, payload).
+    type Packets = Vec<(Header, Vec<u8>)>;
+
     /// What the fake host does with each packet the guest sends; returns the
-    /// packets to deliver, as (header, payload).
-    type Behaviour = fn(&Header, &[u8]) -> Vec<(Header, Vec<u8>)>;
+    /// packets to deliver.
+    type Behaviour = fn(&Header, &[u8]) -> Packets;
 
     /// Runs `behaviour` on a thread acting as the device until `stop`;
     /// returns everything the guest sent.
@@ -453,12 +500,12 @@ mod tests {
         tx: &SplitQueue,
         behaviour: Behaviour,
         stop: Arc<AtomicBool>,
-    ) -> thread::JoinHandle<Vec<(Header, Vec<u8>)>> {
+    ) -> thread::JoinHandle<Packets> {
         let mut rx_dev = FakeDevice::new(rx);
         let mut tx_dev = FakeDevice::new(tx);
         thread::spawn(move || {
             let mut sent = Vec::new();
-            let mut pending: Vec<(Header, Vec<u8>)> = Vec::new();
+            let mut pending: Packets = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 if let Some((head, chain)) = tx_dev.pop() {
                     let bytes = FakeDevice::read_chain(&chain);
@@ -484,25 +531,36 @@ mod tests {
         })
     }
 
-    fn connect(behaviour: Behaviour) -> (Connection<NoNotify>, Arc<AtomicBool>, thread::JoinHandle<Vec<(Header, Vec<u8>)>>) {
+    fn connect(
+        behaviour: Behaviour,
+    ) -> (
+        Connection<NoNotify>,
+        Arc<AtomicBool>,
+        thread::JoinHandle<Packets>,
+    ) {
         let rx = SplitQueue::new(16).unwrap();
         let tx = SplitQueue::new(8).unwrap();
         let event = SplitQueue::new(4).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let host = fake_host(&rx, &tx, behaviour, stop.clone());
-        let timeouts = Timeouts { connect_ms: 2000, echo_ms: 2000, tx_ms: 2000, close_ms: 200 };
+        let timeouts = Timeouts {
+            connect_ms: 2000,
+            echo_ms: 2000,
+            tx_ms: 2000,
+            close_ms: 200,
+        };
         let conn = Connection::new(NoNotify, rx, tx, event, GUEST_CID, timeouts).unwrap();
         (conn, stop, host)
     }
 
-    fn finish(stop: Arc<AtomicBool>, host: thread::JoinHandle<Vec<(Header, Vec<u8>)>>) -> Vec<(Header, Vec<u8>)> {
+    fn finish(stop: Arc<AtomicBool>, host: thread::JoinHandle<Packets>) -> Packets {
         stop.store(true, Ordering::Relaxed);
         host.join().unwrap()
     }
 
     /// Accepts, echoes in two pieces after asking for credit, answers
     /// SHUTDOWN with RST.
-    fn echo_host(hdr: &Header, payload: &[u8]) -> Vec<(Header, Vec<u8>)> {
+    fn echo_host(hdr: &Header, payload: &[u8]) -> Packets {
         match hdr.op {
             op::REQUEST => std::vec![
                 (host_header(op::CREDIT_REQUEST, 0), Vec::new()),
@@ -522,7 +580,13 @@ mod tests {
 
     #[test]
     fn header_layout_matches_the_spec() {
-        let h = Header { op: op::RW, len: 0x0102_0304, kind: 1, buf_alloc: 7, ..Header::default() };
+        let h = Header {
+            op: op::RW,
+            len: 0x0102_0304,
+            kind: 1,
+            buf_alloc: 7,
+            ..Header::default()
+        };
         let bytes = h.to_bytes();
         assert_eq!(&bytes[24..28], &[4, 3, 2, 1]);
         assert_eq!(&bytes[28..32], &[1, 0, 5, 0]);
@@ -540,10 +604,18 @@ mod tests {
         assert_eq!(ops, [op::REQUEST, op::CREDIT_UPDATE, op::RW, op::SHUTDOWN]);
         let (request, _) = &sent[0];
         assert_eq!(
-            (request.src_cid, request.dst_cid, request.src_port, request.dst_port),
+            (
+                request.src_cid,
+                request.dst_cid,
+                request.src_port,
+                request.dst_port
+            ),
             (GUEST_CID, HOST_CID, GUEST_PORT, HOST_PORT)
         );
-        assert_eq!((request.kind, request.buf_alloc, request.len), (TYPE_STREAM, BUF_ALLOC, 0));
+        assert_eq!(
+            (request.kind, request.buf_alloc, request.len),
+            (TYPE_STREAM, BUF_ALLOC, 0)
+        );
         assert_eq!(sent[2].1, ECHO);
         assert_eq!(sent[3].0.flags, SHUTDOWN_BOTH);
         // The SHUTDOWN went out after the echo was consumed: fwd_cnt counts it.
@@ -552,7 +624,7 @@ mod tests {
 
     #[test]
     fn refused_connection_fails_with_reason() {
-        fn refuse(hdr: &Header, _: &[u8]) -> Vec<(Header, Vec<u8>)> {
+        fn refuse(hdr: &Header, _: &[u8]) -> Packets {
             if hdr.op == op::REQUEST {
                 std::vec![(host_header(op::RST, 0), Vec::new())]
             } else {
@@ -566,7 +638,7 @@ mod tests {
 
     #[test]
     fn wrong_echo_and_strays_are_caught() {
-        fn garble(hdr: &Header, _: &[u8]) -> Vec<(Header, Vec<u8>)> {
+        fn garble(hdr: &Header, _: &[u8]) -> Packets {
             let mut stray = host_header(op::RW, 4);
             stray.dst_port = 999;
             match hdr.op {
@@ -586,7 +658,7 @@ mod tests {
 
     #[test]
     fn silent_host_times_out_and_close_sends_rst() {
-        fn silent(_: &Header, _: &[u8]) -> Vec<(Header, Vec<u8>)> {
+        fn silent(_: &Header, _: &[u8]) -> Packets {
             Vec::new()
         }
         let (mut conn, stop, host) = connect(silent);
