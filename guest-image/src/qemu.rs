@@ -5,6 +5,7 @@
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -124,7 +125,22 @@ impl Drop for QemuProcess {
 /// Boots and waits until QEMU exits or `timeout` passes.
 pub fn boot(config: &QemuBoot) -> Result<BootOutcome, QemuError> {
     let started = Instant::now();
-    let mut child = Command::new(QEMU_BINARY)
+    let mut command = Command::new(QEMU_BINARY);
+    // SAFETY: the closure runs in the forked child before exec and only
+    // calls prctl(), which is async-signal-safe and touches no parent state.
+    unsafe {
+        command.pre_exec(|| {
+            // QEMU dies with the thread that started it, even if this
+            // process is killed before the guard below can act (e.g. a CI
+            // timeout killing the test harness).
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    let mut child = command
         .args(config.args())
         .stdin(if config.serial_input.is_some() {
             Stdio::piped()

@@ -235,7 +235,11 @@ fn api_configure_start_state_metrics_and_stop_event() {
     assert!(serial.contains("probe: hello"), "{serial}");
 }
 
-fn run_probe_with(dir: &TempDir, cmdline: &str, extra: &[&str]) -> (microvm_tests::harness::Finished, String) {
+fn run_probe_with(
+    dir: &TempDir,
+    cmdline: &str,
+    extra: &[&str],
+) -> (microvm_tests::harness::Finished, String) {
     let console = dir.join("console.log");
     let mut cmd = Command::new(binary("microvm-vmm"));
     cmd.args(["--kernel", probe().to_str().unwrap(), "--cmdline", cmdline])
@@ -250,18 +254,36 @@ fn run_probe_with(dir: &TempDir, cmdline: &str, extra: &[&str]) -> (microvm_test
 fn guest_reboot_is_exit_code_4() {
     let dir = TempDir::new("probe-reboot");
     let (done, serial) = run_probe_with(&dir, "probe.exit=reboot", &[]);
-    assert_eq!(done.code(), Some(4), "serial:\n{serial}\nstderr:\n{}", done.stderr);
+    assert_eq!(
+        done.code(),
+        Some(4),
+        "serial:\n{serial}\nstderr:\n{}",
+        done.stderr
+    );
     assert!(serial.contains("probe: rebooting"), "{serial}");
-    assert!(done.stderr.contains("VM stopped: guest rebooted"), "{}", done.stderr);
+    assert!(
+        done.stderr.contains("VM stopped: guest rebooted"),
+        "{}",
+        done.stderr
+    );
 }
 
 #[test]
 fn triple_fault_is_exit_code_5() {
     let dir = TempDir::new("probe-triple");
     let (done, serial) = run_probe_with(&dir, "probe.exit=triple-fault", &[]);
-    assert_eq!(done.code(), Some(5), "serial:\n{serial}\nstderr:\n{}", done.stderr);
+    assert_eq!(
+        done.code(),
+        Some(5),
+        "serial:\n{serial}\nstderr:\n{}",
+        done.stderr
+    );
     assert!(serial.contains("probe: triple faulting"), "{serial}");
-    assert!(done.stderr.contains("VM stopped: guest triple-faulted"), "{}", done.stderr);
+    assert!(
+        done.stderr.contains("VM stopped: guest triple-faulted"),
+        "{}",
+        done.stderr
+    );
 }
 
 #[test]
@@ -272,10 +294,24 @@ fn tap_backed_net_device_is_offered_and_the_tap_removed_after() {
     let dir = TempDir::new("probe-tap");
     let tap = format!("mvt{}", std::process::id() % 100_000);
     let (done, serial) = run_probe_with(&dir, "console=ttyS0", &["--tap", &tap]);
-    assert_eq!(done.code(), Some(0), "serial:\n{serial}\nstderr:\n{}", done.stderr);
-    assert!(serial.contains(" id=1 version=2"), "no virtio-net device seen by the guest:\n{serial}");
-    assert!(serial.contains(" id=4 version=2"), "no virtio-rng device seen by the guest:\n{serial}");
-    assert!(!Path::new(&format!("/sys/class/net/{tap}")).exists(), "tap {tap} left behind");
+    assert_eq!(
+        done.code(),
+        Some(0),
+        "serial:\n{serial}\nstderr:\n{}",
+        done.stderr
+    );
+    assert!(
+        serial.contains(" id=1 version=2"),
+        "no virtio-net device seen by the guest:\n{serial}"
+    );
+    assert!(
+        serial.contains(" id=4 version=2"),
+        "no virtio-rng device seen by the guest:\n{serial}"
+    );
+    assert!(
+        !Path::new(&format!("/sys/class/net/{tap}")).exists(),
+        "tap {tap} left behind"
+    );
 }
 
 #[test]
@@ -290,14 +326,20 @@ fn api_pause_resume_metrics_and_graceful_shutdown_timeout() {
             .spawn()
             .unwrap(),
     ));
-    assert!(wait_for_path(&sock, Duration::from_secs(10)), "API socket never appeared");
+    assert!(
+        wait_for_path(&sock, Duration::from_secs(10)),
+        "API socket never appeared"
+    );
     let mut api = Api::connect(&sock);
     let config = serde_json::json!({
         "boot": {"kernel": probe(), "cmdline": "probe.idle=1"},
         "serial": {"output": console},
         "disks": [{"path": make_disk(&dir), "read_only": true}],
     });
-    assert_eq!(api.call(serde_json::json!({"action": "configure", "config": config}))["ok"], true);
+    assert_eq!(
+        api.call(serde_json::json!({"action": "configure", "config": config}))["ok"],
+        true
+    );
     assert_eq!(api.call(serde_json::json!({"action": "start"}))["ok"], true);
     assert!(
         wait_for_text(&console, "probe: idle status=0", Duration::from_secs(30)),
@@ -307,21 +349,34 @@ fn api_pause_resume_metrics_and_graceful_shutdown_timeout() {
     let paused = api.call(serde_json::json!({"action": "pause"}));
     assert_eq!(paused["result"]["state"], "paused", "{paused}");
     let again = api.call(serde_json::json!({"action": "pause"}));
-    assert!(again["error"].as_str().unwrap().contains("cannot pause: VM is paused"), "{again}");
+    assert!(
+        again["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot pause: VM is paused"),
+        "{again}"
+    );
     let state = api.call(serde_json::json!({"action": "state"}));
     assert_eq!(state["result"]["state"], "paused");
-    assert!(state["result"]["boot_time_ms"].as_f64().unwrap() > 0.0, "{state}");
+    assert!(
+        state["result"]["boot_time_ms"].as_f64().unwrap() > 0.0,
+        "{state}"
+    );
     let metrics = api.call(serde_json::json!({"action": "metrics"}));
     let m = &metrics["result"];
     assert!(m["exits"]["io_out"].as_u64().unwrap() > 10, "{metrics}");
     assert!(m["exits"]["mmio_write"].as_u64().unwrap() > 0, "{metrics}");
-    assert!(m["serial"]["bytes_written"].as_u64().unwrap() > 0, "{metrics}");
+    assert!(
+        m["serial"]["bytes_written"].as_u64().unwrap() > 0,
+        "{metrics}"
+    );
     assert!(m["virtio"]["disks[0]"].is_object(), "{metrics}");
     let resumed = api.call(serde_json::json!({"action": "resume"}));
     assert_eq!(resumed["result"]["state"], "running", "{resumed}");
     // The probe has no keyboard driver, so graceful shutdown times out and
     // the VMM forces it.
-    let shutdown = api.call(serde_json::json!({"action": "shutdown", "graceful": true, "timeout_ms": 200}));
+    let shutdown =
+        api.call(serde_json::json!({"action": "shutdown", "graceful": true, "timeout_ms": 200}));
     assert_eq!(shutdown["ok"], true, "{shutdown}");
     let status = child.0.as_mut().unwrap().wait().unwrap();
     child.0 = None;
@@ -332,7 +387,10 @@ fn api_pause_resume_metrics_and_graceful_shutdown_timeout() {
 fn wait_for_text(path: &Path, text: &str, timeout: Duration) -> bool {
     let deadline = std::time::Instant::now() + timeout;
     while std::time::Instant::now() < deadline {
-        if std::fs::read_to_string(path).unwrap_or_default().contains(text) {
+        if std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .contains(text)
+        {
             return true;
         }
         std::thread::sleep(Duration::from_millis(10));

@@ -133,11 +133,14 @@ fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
+/// Builds the command for one measurement, with its files in the given dir.
+type CommandFor = Box<dyn Fn(&TempDir) -> Command>;
+
 struct Subject {
     name: &'static str,
-    first_byte: Box<dyn Fn(&TempDir) -> Result<Command>>,
-    socket: Box<dyn Fn(&TempDir) -> Command>,
-    idle: Box<dyn Fn(&TempDir) -> Command>,
+    first_byte: CommandFor,
+    socket: CommandFor,
+    idle: CommandFor,
 }
 
 fn ours(probe: PathBuf) -> Subject {
@@ -157,7 +160,7 @@ fn ours(probe: PathBuf) -> Subject {
                     "error",
                 ])
                 .args([OsString::from("--serial-output"), dir.join("serial").into()]);
-            Ok(cmd)
+            cmd
         }),
         socket: Box::new(move |dir| {
             let mut cmd = Command::new(&v2);
@@ -207,7 +210,14 @@ fn qemu(probe: PathBuf, accel: String) -> Subject {
         ]);
         cmd.args(["-accel", &accel]);
         // `-cpu host` aborts on PVM hosts ("failed to set MSR 0x10a").
-        cmd.args(["-cpu", if accel == "kvm" { "host,-arch-capabilities" } else { "max" }]);
+        cmd.args([
+            "-cpu",
+            if accel == "kvm" {
+                "host,-arch-capabilities"
+            } else {
+                "max"
+            },
+        ]);
         cmd.args([
             OsString::from("-kernel"),
             probe.into(),
@@ -226,7 +236,7 @@ fn qemu(probe: PathBuf, accel: String) -> Subject {
     let (p1, p2, p3) = (probe.clone(), probe.clone(), probe);
     Subject {
         name: "qemu",
-        first_byte: Box::new(move |dir| Ok(b1(&p1, "probe.quick=1", &dir.join("serial")))),
+        first_byte: Box::new(move |dir| b1(&p1, "probe.quick=1", &dir.join("serial"))),
         socket: Box::new(move |dir| {
             let mut cmd = b2(
                 &p2,
@@ -256,7 +266,7 @@ fn measure(subject: &Subject, runs: usize) -> Result<Figures> {
         let dir = TempDir::new("bench");
         mkfifo(&dir.join("serial"))?;
         first.push(
-            time_to_first_serial_byte((subject.first_byte)(&dir)?, &dir.join("serial"))?
+            time_to_first_serial_byte((subject.first_byte)(&dir), &dir.join("serial"))?
                 .as_secs_f64()
                 * 1e3,
         );
