@@ -32,6 +32,8 @@ pub enum VmmError {
     EventLoop(String),
     #[error("cannot create an eventfd: {0}")]
     EventFd(#[source] std::io::Error),
+    #[error("the VM is not configured")]
+    NotConfigured,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
