@@ -1,5 +1,13 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["microvm/agent/v1/health.proto"];
+    let protos = [
+        "microvm/agent/v1/health.proto",
+        "microvm/agent/v1/sandbox.proto",
+        "microvm/agent/v1/container.proto",
+        "microvm/agent/v1/process.proto",
+        "microvm/agent/v1/events.proto",
+        "microvm/agent/v1/storage.proto",
+        "microvm/agent/v1/network.proto",
+    ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }
@@ -7,6 +15,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // hybrid vsock (a unix socket), with its own connector.
     tonic_prost_build::configure()
         .build_transport(false)
+        // `bytes` fields as `Bytes`: stdio chunks are passed on without a copy.
+        .bytes(".")
         .compile_protos(&protos, &["."])?;
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! ioeventfd per queue.
 
 use crate::arch::layout::{VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
-use crate::config::{devices::parse_mac, VmConfig};
+use crate::config::{devices::parse_mac, RateLimiterConfig, VmConfig};
 use crate::GuestMemoryMmap;
 use event_manager::MutEventSubscriber;
 use kvm_ioctls::{IoEventAddress, VmFd};
@@ -14,6 +14,7 @@ use microvm_devices::legacy::serial::{COM1_IRQ, COM1_PORT, SERIAL_PORT_LEN};
 use microvm_devices::legacy::{
     DebugPort, DebugPortSink, I8042Sink, SerialDevice, SerialOutput, I8042,
 };
+use microvm_devices::rate_limiter::RateLimiter;
 use microvm_devices::virtio::mmio::MmioTransport;
 use microvm_devices::virtio::VirtioDevice;
 use microvm_devices::virtio::VirtioInterrupt;
@@ -123,8 +124,8 @@ pub fn create_virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSlot>, Devic
         message: e.to_string(),
     };
     if let Some(v) = &config.vsock {
-        let device =
-            vsock::Vsock::new(v.guest_cid, v.uds_path.clone()).map_err(|e| fail("vsock", &e))?;
+        let device = vsock::Vsock::with_limits(v.guest_cid, v.uds_path.clone(), v.limits())
+            .map_err(|e| fail("vsock", &e))?;
         slots.push(slot("vsock".into(), device));
     }
     for (index, disk) in config.disks.iter().enumerate() {
@@ -133,6 +134,7 @@ pub fn create_virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSlot>, Devic
             path: disk.path.clone(),
             read_only: disk.read_only,
             serial: disk.serial.clone(),
+            rate_limiter: disk.rate_limiter.unwrap_or_default(),
         })
         .map_err(|e| fail(&name, &e))?;
         slots.push(slot(name, device));
@@ -143,7 +145,17 @@ pub fn create_virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSlot>, Devic
             Some(mac) => mac,
             None => random_mac().map_err(|e| fail(&name, &e))?,
         };
-        let device = net::Net::with_tap(&netcfg.tap, mac).map_err(|e| fail(&name, &e))?;
+        let limiter = |config: &Option<RateLimiterConfig>| {
+            RateLimiter::new(&config.unwrap_or_default(), std::time::Instant::now())
+                .map_err(|e| fail(&name, &e))
+        };
+        let (rx, tx) = (
+            limiter(&netcfg.rx_rate_limiter)?,
+            limiter(&netcfg.tx_rate_limiter)?,
+        );
+        let device = net::Net::with_tap(&netcfg.tap, mac)
+            .map_err(|e| fail(&name, &e))?
+            .with_rate_limiters(rx, tx);
         slots.push(slot(name, device));
     }
     if config.rng {

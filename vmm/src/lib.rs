@@ -11,13 +11,17 @@
 //! - [`api`]: the control socket protocol and server.
 //! - [`vmm`]: the controller loop that ties them together.
 //! - [`stop`]: why a VM stopped, and the process exit code for it.
+//! - [`seccomp`]: the per-thread system-call filters.
+//! - [`jail`]: namespaces, minimal root, cgroup and credentials for the VMM.
 
 pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod config;
 pub mod devices;
+pub mod jail;
 pub mod memory;
+pub mod seccomp;
 pub mod stop;
 pub mod vcpu;
 pub mod vm;

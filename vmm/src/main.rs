@@ -7,6 +7,8 @@ use microvm_vmm::config::{
     BootConfig, CpuTemplate, DiskConfig, MachineConfig, NetConfig, SerialConfig, VmConfig,
     VsockConfig,
 };
+use microvm_vmm::jail;
+use microvm_vmm::seccomp::SeccompFilters;
 use microvm_vmm::stop::ExitCode;
 use microvm_vmm::vmm::{error_chain, Vmm};
 use std::path::PathBuf;
@@ -82,6 +84,36 @@ struct Args {
     #[arg(long, requires = "kernel")]
     no_rng: bool,
 
+    /// Run without seccomp filters (they are on by default: each thread may
+    /// make only the system calls it needs; see docs/vmm-api.md).
+    #[arg(long)]
+    no_seccomp: bool,
+
+    /// Run the VMM jailed, rooted at DIR (an absolute path that must not
+    /// exist; created, and removed on exit): own mount and PID namespaces, a
+    /// root holding only this VM's files, a cgroup, --uid/--gid, no inherited
+    /// fds, an empty environment. Needs root and the VM config on the command
+    /// line. The shim passes it for every pod (see docs/vmm-api.md).
+    #[arg(long, value_name = "DIR")]
+    jail: Option<PathBuf>,
+
+    /// Unprivileged user the jailed VMM runs as (default: stays root).
+    #[arg(long, requires = "jail")]
+    uid: Option<u32>,
+
+    /// Group the jailed VMM runs as.
+    #[arg(long, requires = "jail")]
+    gid: Option<u32>,
+
+    /// A cgroup setting for the jail, e.g. memory.limit_in_bytes=536870912 or
+    /// pids.max=64. Repeatable; controllers not named get default limits.
+    #[arg(long = "cgroup", value_name = "FILE=VALUE", requires = "jail")]
+    cgroups: Vec<String>,
+
+    /// Parent of the jail's cgroup in each hierarchy.
+    #[arg(long, default_value = "microvm", requires = "jail")]
+    cgroup_parent: String,
+
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, default_value = "info", env = "MICROVM_LOG")]
     log_level: String,
@@ -97,11 +129,13 @@ fn config_from_flags(args: &Args) -> Option<VmConfig> {
                 path: path.into(),
                 read_only: true,
                 serial: None,
+                rate_limiter: None,
             },
             None => DiskConfig {
                 path: spec.into(),
                 read_only: false,
                 serial: None,
+                rate_limiter: None,
             },
         })
         .collect();
@@ -127,10 +161,10 @@ fn config_from_flags(args: &Args) -> Option<VmConfig> {
             output: args.serial_output.clone(),
             ..Default::default()
         },
-        vsock: args.vsock_uds.clone().map(|uds_path| VsockConfig {
-            guest_cid: args.vsock_cid,
-            uds_path,
-        }),
+        vsock: args
+            .vsock_uds
+            .clone()
+            .map(|uds_path| VsockConfig::new(args.vsock_cid, uds_path)),
         disks,
         net: args
             .tap
@@ -138,9 +172,12 @@ fn config_from_flags(args: &Args) -> Option<VmConfig> {
             .map(|tap| NetConfig {
                 tap: tap.clone(),
                 mac: None,
+                rx_rate_limiter: None,
+                tx_rate_limiter: None,
             })
             .collect(),
         rng: !args.no_rng,
+        seccomp: true,
     })
 }
 
@@ -158,14 +195,20 @@ fn setup(args: &Args, process_start: Instant) -> Result<(Vmm, Option<ApiServer>)
         signal_hook::flag::register(signal, signal_stop.clone())
             .context("cannot install signal handlers")?;
     }
+    let seccomp = if args.no_seccomp {
+        None
+    } else {
+        Some(SeccompFilters::build(microvm_vmm::vcpu::kick_signal())?)
+    };
     let mut vmm = Vmm::new(process_start, signal_stop)?;
+    vmm.set_seccomp(seccomp.clone());
     if let Some(config) = config {
         vmm.configure(config)
             .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
     }
     let api = match &args.api_sock {
         Some(path) => {
-            let (server, calls) = ApiServer::start(path, vmm.wake_fd())?;
+            let (server, calls) = ApiServer::start(path, vmm.wake_fd(), seccomp)?;
             vmm.set_api(calls);
             tracing::info!(
                 "API socket ready at {} after {:.3} ms",
@@ -182,6 +225,40 @@ fn setup(args: &Args, process_start: Instant) -> Result<(Vmm, Option<ApiServer>)
     Ok((vmm, api))
 }
 
+/// `--jail`: checks everything here, then hands over to the jail
+/// supervisor, which returns the jailed VMM's exit status.
+fn run_jailed(args: &Args) -> Result<u8> {
+    let Some(dir) = args.jail.clone() else {
+        bail!("no jail directory");
+    };
+    let config = match (&args.config, config_from_flags(args)) {
+        (Some(path), _) => VmConfig::from_file(path)?,
+        (None, Some(config)) => config,
+        (None, None) => {
+            bail!("--jail needs the VM config on the command line (--config or --kernel)")
+        }
+    };
+    config
+        .validate(microvm_vmm::config::host_memory_mib()?)
+        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    let cgroups = args
+        .cgroups
+        .iter()
+        .map(|arg| jail::parse_cgroup_arg(arg))
+        .collect::<Result<Vec<_>, _>>()?;
+    let options = jail::JailOptions {
+        dir,
+        uid: args.uid,
+        gid: args.gid,
+        cgroups,
+        cgroup_parent: args.cgroup_parent.clone(),
+        api_sock: args.api_sock.clone(),
+        no_seccomp: args.no_seccomp,
+        log_level: args.log_level.clone(),
+    };
+    jail::run(&config, &options).map_err(|e| anyhow::anyhow!(error_chain(&e)))
+}
+
 fn main() -> std::process::ExitCode {
     let process_start = Instant::now();
     let args = Args::parse();
@@ -193,6 +270,16 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
+
+    if args.jail.is_some() {
+        return match run_jailed(&args) {
+            Ok(code) => std::process::ExitCode::from(code),
+            Err(e) => {
+                eprintln!("microvm-vmm: error: {e:#}");
+                std::process::ExitCode::from(ExitCode::BadConfig as u8)
+            }
+        };
+    }
 
     let (mut vmm, api) = match setup(&args, process_start) {
         Ok(parts) => parts,

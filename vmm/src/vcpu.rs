@@ -6,6 +6,7 @@
 //! thread enters KVM_RUN is lost, so the controller repeats it until every
 //! thread has acknowledged (see `RunControl::wait_parked`).
 
+use crate::seccomp::{SeccompFilters, ThreadKind};
 use crate::stop::StopReason;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use microvm_devices::metrics::Counter;
@@ -228,6 +229,8 @@ pub struct VcpuContext {
     pub control: Arc<RunControl>,
     /// Told once, when this vCPU stops by itself.
     pub on_stop: Box<dyn FnOnce(StopReason) + Send>,
+    /// Installed by the thread itself before its first KVM_RUN.
+    pub seccomp: Option<SeccompFilters>,
 }
 
 pub fn spawn(ctx: VcpuContext) -> std::io::Result<VcpuHandle> {
@@ -238,6 +241,15 @@ pub fn spawn(ctx: VcpuContext) -> std::io::Result<VcpuHandle> {
 }
 
 fn run_vcpu(mut ctx: VcpuContext) {
+    if let Some(filters) = &ctx.seccomp {
+        if let Err(e) = filters.apply(ThreadKind::Vcpu) {
+            // Never run the guest unfiltered when filters were asked for.
+            (ctx.on_stop)(StopReason::VmmError {
+                detail: format!("vCPU {}: {e}", ctx.id),
+            });
+            return;
+        }
+    }
     let reason = loop {
         if !ctx.control.wait_runnable() {
             return;

@@ -9,6 +9,7 @@ use crate::boot::{self, BootSetup};
 use crate::config::VmConfig;
 use crate::devices::{self, Devices, GuestSinks, VirtioSlot};
 use crate::memory::{create_guest_memory, GuestRam};
+use crate::seccomp::SeccompFilters;
 use crate::stop::StopReason;
 use crate::vcpu::{self, ExitMetrics, RunControl, VcpuContext, VcpuHandle};
 use kvm_bindings::{
@@ -141,7 +142,12 @@ impl Vm {
     }
 
     /// Spawns the vCPU threads. `on_stop` is told when a vCPU stops by itself.
-    pub fn start(&mut self, on_stop: Arc<dyn Fn(StopReason) + Send + Sync>) -> Result<(), VmError> {
+    /// With `seccomp`, each thread installs its vCPU filter before running.
+    pub fn start(
+        &mut self,
+        on_stop: Arc<dyn Fn(StopReason) + Send + Sync>,
+        seccomp: Option<&SeccompFilters>,
+    ) -> Result<(), VmError> {
         vcpu::register_kick_handler().map_err(VmError::Spawn)?;
         for (id, fd) in self.pending_vcpus.drain(..) {
             let on_stop = on_stop.clone();
@@ -152,6 +158,7 @@ impl Vm {
                 metrics: self.exit_metrics.clone(),
                 control: self.control.clone(),
                 on_stop: Box::new(move |reason| on_stop(reason)),
+                seccomp: seccomp.cloned(),
             })
             .map_err(VmError::Spawn)?;
             self.vcpus.push(handle);

@@ -8,6 +8,7 @@
 use crate::api::{ApiCall, Request, Response};
 use crate::config::{host_memory_mib, ConfigError, VmConfig};
 use crate::devices::GuestSinks;
+use crate::seccomp::{SeccompError, SeccompFilters, ThreadKind};
 use crate::stop::StopReason;
 use crate::vm::{Vm, VmError};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
@@ -34,6 +35,8 @@ pub enum VmmError {
     EventFd(#[source] std::io::Error),
     #[error("the VM is not configured")]
     NotConfigured,
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -86,6 +89,9 @@ pub struct Vmm {
     stop: Option<StopReason>,
     graceful_deadline: Option<Instant>,
     signal_stop: Arc<AtomicBool>,
+    /// Installed on the vCPU threads and this thread when the VM starts,
+    /// unless the config turns them off.
+    seccomp: Option<SeccompFilters>,
 }
 
 impl Vmm {
@@ -110,11 +116,16 @@ impl Vmm {
             stop: None,
             graceful_deadline: None,
             signal_stop,
+            seccomp: None,
         })
     }
 
     pub fn wake_fd(&self) -> Arc<EventFd> {
         self.wake.clone()
+    }
+
+    pub fn set_seccomp(&mut self, filters: Option<SeccompFilters>) {
+        self.seccomp = filters;
     }
 
     pub fn set_api(&mut self, calls: Receiver<ApiCall>) {
@@ -166,7 +177,21 @@ impl Vmm {
             self.event_manager.add_subscriber(slot.subscriber.clone());
         }
         let stop_notify = notify.clone();
-        vm.start(Arc::new(move |reason| stop_notify(VmEvent::Stop(reason))))?;
+        let seccomp = self.seccomp.as_ref().filter(|_| config.seccomp);
+        vm.start(
+            Arc::new(move |reason| stop_notify(VmEvent::Stop(reason))),
+            seccomp,
+        )?;
+        // The vCPU threads are spawned (unfiltered parents would leak into
+        // them otherwise); from here on this thread only runs the VM. Guest
+        // work reaches this thread only through the event loop, which runs
+        // after this.
+        if let Some(filters) = seccomp {
+            if let Err(e) = filters.apply(ThreadKind::Vmm) {
+                vm.stop();
+                return Err(e.into());
+            }
+        }
         tracing::info!(
             "VM started {:.3} ms after VMM process start",
             self.process_start.elapsed().as_secs_f64() * 1e3

@@ -5,9 +5,12 @@
 //! trigger and, for back-ends, plain file descriptors. The VMM wires these to
 //! KVM (irqfd, ioeventfd, exits); tests wire them to plain memory.
 
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzz;
 pub mod interrupt;
 pub mod legacy;
 pub mod metrics;
+pub mod rate_limiter;
 pub mod virtio;
 
 /// The guest memory type shared by every device.

@@ -9,4 +9,4 @@ mod server;
 pub mod socket;
 
 pub use protocol::{Request, Response};
-pub use server::{ApiCall, ApiServer};
+pub use server::{ApiCall, ApiServer, ApiStartError};

@@ -4,6 +4,7 @@
 
 use super::protocol::{parse_request, Request, Response};
 use super::socket::{OwnedListener, SocketError};
+use crate::seccomp::{SeccompError, SeccompFilters, ThreadKind};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -13,6 +14,14 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// Longest request line accepted; a config with many devices fits easily.
 const MAX_REQUEST_BYTES: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiStartError {
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
+}
 
 /// A request on its way to the controller, with where to send the answer.
 pub struct ApiCall {
@@ -30,11 +39,14 @@ pub struct ApiServer {
 
 impl ApiServer {
     /// Binds the socket and starts accepting. Calls arrive on the returned
-    /// receiver; each one is followed by a write to `wake`.
+    /// receiver; each one is followed by a write to `wake`. With `seccomp`,
+    /// the accept thread installs the API filter (inherited by the connection
+    /// threads) before it accepts anything.
     pub fn start(
         path: &Path,
         wake: Arc<EventFd>,
-    ) -> Result<(Self, Receiver<ApiCall>), SocketError> {
+        seccomp: Option<SeccompFilters>,
+    ) -> Result<(Self, Receiver<ApiCall>), ApiStartError> {
         let listener = OwnedListener::bind(path)?;
         let (tx, rx) = mpsc::channel();
         let io_error = |source| SocketError::Bind {
@@ -42,11 +54,26 @@ impl ApiServer {
             source,
         };
         let accept_listener = listener.listener.try_clone().map_err(io_error)?;
+        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || accept_loop(&accept_listener, tx, wake))
+            .spawn(move || {
+                let filtered = match &seccomp {
+                    Some(filters) => filters.apply(ThreadKind::Api),
+                    None => Ok(()),
+                };
+                let ok = filtered.is_ok();
+                let _ = ready_tx.send(filtered);
+                if ok {
+                    accept_loop(&accept_listener, tx, wake);
+                }
+            })
             .map_err(io_error)?;
-        Ok((Self { listener }, rx))
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok((Self { listener }, rx)),
+            Ok(Err(e)) => Err(ApiStartError::Seccomp(e)),
+            Err(_) => Err(io_error(std::io::Error::other("API thread died at start")).into()),
+        }
     }
 
     pub fn path(&self) -> &Path {

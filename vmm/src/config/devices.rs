@@ -1,4 +1,6 @@
 use super::ConfigError;
+pub use microvm_devices::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
+use microvm_devices::virtio::vsock::VsockLimits;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -33,6 +35,46 @@ fn default_serial_limit() -> u64 {
 pub struct VsockConfig {
     pub guest_cid: u64,
     pub uds_path: PathBuf,
+    /// Open connections at most (both directions); more are refused (RST).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Guest bytes buffered per connection while the host side does not read
+    /// (also the credit advertised to the guest). Host memory for vsock is
+    /// bounded by `max_connections * conn_buffer_bytes`.
+    #[serde(default = "default_conn_buffer_bytes")]
+    pub conn_buffer_bytes: u32,
+}
+
+fn default_max_connections() -> usize {
+    VsockLimits::default().max_connections
+}
+
+fn default_conn_buffer_bytes() -> u32 {
+    VsockLimits::default().conn_tx_buf_size
+}
+
+/// Largest per-connection buffer accepted: 16 MiB.
+pub const MAX_CONN_BUFFER_BYTES: u32 = 16 << 20;
+/// Most connections accepted.
+pub const MAX_VSOCK_CONNECTIONS: usize = 65_536;
+
+impl VsockConfig {
+    pub fn new(guest_cid: u64, uds_path: PathBuf) -> Self {
+        Self {
+            guest_cid,
+            uds_path,
+            max_connections: default_max_connections(),
+            conn_buffer_bytes: default_conn_buffer_bytes(),
+        }
+    }
+
+    pub fn limits(&self) -> VsockLimits {
+        VsockLimits {
+            max_connections: self.max_connections,
+            conn_tx_buf_size: self.conn_buffer_bytes,
+            ..VsockLimits::default()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -44,6 +86,9 @@ pub struct DiskConfig {
     /// Reported through VIRTIO_BLK_T_GET_ID (at most 20 bytes are used).
     #[serde(default)]
     pub serial: Option<String>,
+    /// Token buckets on request bytes and count; unlimited without.
+    #[serde(default)]
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -54,6 +99,12 @@ pub struct NetConfig {
     /// Guest MAC address; random locally administered if absent.
     #[serde(default)]
     pub mac: Option<String>,
+    /// Token buckets on frames to the guest.
+    #[serde(default)]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Token buckets on frames from the guest.
+    #[serde(default)]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
 impl NetConfig {
@@ -70,6 +121,19 @@ impl NetConfig {
                     index,
                     mac: mac.clone(),
                 });
+            }
+        }
+        for (key, limiter) in [
+            ("rx_rate_limiter", &self.rx_rate_limiter),
+            ("tx_rate_limiter", &self.tx_rate_limiter),
+        ] {
+            if let Some(limiter) = limiter {
+                limiter
+                    .validate()
+                    .map_err(|source| ConfigError::RateLimiter {
+                        key: format!("net[{index}].{key}"),
+                        source,
+                    })?;
             }
         }
         Ok(())
@@ -92,6 +156,31 @@ pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_parse_with_defaults() {
+        let v: VsockConfig =
+            serde_json::from_str(r#"{"guest_cid": 3, "uds_path": "/v.sock"}"#).unwrap();
+        assert_eq!(v.limits().max_connections, 1024);
+        assert_eq!(v.limits().conn_tx_buf_size, 128 * 1024);
+        let v: VsockConfig = serde_json::from_str(
+            r#"{"guest_cid": 3, "uds_path": "/v.sock", "max_connections": 8, "conn_buffer_bytes": 4096}"#,
+        )
+        .unwrap();
+        assert_eq!(v.limits().max_connections, 8);
+        assert_eq!(v.limits().conn_tx_buf_size, 4096);
+        let d: DiskConfig = serde_json::from_str(
+            r#"{"path": "/d", "rate_limiter": {"bandwidth": {"size": 100, "refill_time_ms": 10}}}"#,
+        )
+        .unwrap();
+        assert_eq!(d.rate_limiter.unwrap().bandwidth.unwrap().size, 100);
+        let n: NetConfig = serde_json::from_str(
+            r#"{"tap": "t0", "tx_rate_limiter": {"ops": {"size": 0, "refill_time_ms": 10}}}"#,
+        )
+        .unwrap();
+        let err = n.validate(2).unwrap_err().to_string();
+        assert!(err.contains("net[2].tx_rate_limiter"), "{err}");
+    }
 
     #[test]
     fn mac_parsing() {

@@ -8,7 +8,9 @@ pub mod devices;
 mod machine;
 
 pub use boot::BootConfig;
-pub use devices::{DiskConfig, NetConfig, SerialConfig, VsockConfig};
+pub use devices::{
+    DiskConfig, NetConfig, RateLimiterConfig, SerialConfig, TokenBucketConfig, VsockConfig,
+};
 pub use machine::{CpuTemplate, MachineConfig};
 
 use serde::{Deserialize, Serialize};
@@ -31,6 +33,10 @@ pub struct VmConfig {
     /// Offer a virtio-rng device.
     #[serde(default = "default_true")]
     pub rng: bool,
+    /// Per-thread seccomp filters on the vCPU and VMM threads. `--no-seccomp`
+    /// turns every filter off whatever this says.
+    #[serde(default = "default_true")]
+    pub seccomp: bool,
 }
 
 fn default_true() -> bool {
@@ -72,6 +78,15 @@ pub enum ConfigError {
     Mac { index: usize, mac: String },
     #[error("net[{index}].tap {tap:?} is not a valid interface name (1-15 characters)")]
     TapName { index: usize, tap: String },
+    #[error("{key}: {source}")]
+    RateLimiter {
+        key: String,
+        source: microvm_devices::rate_limiter::RateLimiterError,
+    },
+    #[error("vsock.max_connections must be between 1 and {max}, got {got}")]
+    VsockConnections { got: usize, max: usize },
+    #[error("vsock.conn_buffer_bytes must be between 4096 and {max}, got {got}")]
+    VsockBuffer { got: u32, max: u32 },
 }
 
 /// Smallest guest the loader can place a kernel, initrd and tables in.
@@ -142,6 +157,14 @@ impl VmConfig {
                     path: disk.path.clone(),
                 });
             }
+            if let Some(limiter) = &disk.rate_limiter {
+                limiter
+                    .validate()
+                    .map_err(|source| ConfigError::RateLimiter {
+                        key: format!("disks[{index}].rate_limiter"),
+                        source,
+                    })?;
+            }
         }
         for (index, net) in self.net.iter().enumerate() {
             net.validate(index)?;
@@ -149,6 +172,18 @@ impl VmConfig {
         if let Some(vsock) = &self.vsock {
             if vsock.guest_cid < 3 {
                 return Err(ConfigError::GuestCid(vsock.guest_cid));
+            }
+            if !(1..=devices::MAX_VSOCK_CONNECTIONS).contains(&vsock.max_connections) {
+                return Err(ConfigError::VsockConnections {
+                    got: vsock.max_connections,
+                    max: devices::MAX_VSOCK_CONNECTIONS,
+                });
+            }
+            if !(4096..=devices::MAX_CONN_BUFFER_BYTES).contains(&vsock.conn_buffer_bytes) {
+                return Err(ConfigError::VsockBuffer {
+                    got: vsock.conn_buffer_bytes,
+                    max: devices::MAX_CONN_BUFFER_BYTES,
+                });
             }
         }
         let count = self.virtio_device_count();

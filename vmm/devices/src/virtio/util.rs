@@ -84,6 +84,8 @@ pub struct DrainStats {
     pub used_ring_errors: u64,
     /// The avail ring says there is more but no chain could be popped.
     pub stalled: bool,
+    /// The handler deferred a chain; it is still in the avail ring.
+    pub deferred: bool,
 }
 
 /// Pops every available chain, lets `handle` process it (returning the number
@@ -94,6 +96,28 @@ pub fn drain_queue<'m, F>(queue: &mut Queue, mem: &'m GuestMemoryMmap, mut handl
 where
     F: FnMut(DescriptorChain<&'m GuestMemoryMmap>) -> u32,
 {
+    drain_queue_with(queue, mem, |chain| ChainVerdict::Done(handle(chain)))
+}
+
+/// What a handler did with a chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainVerdict {
+    /// Processed; this many bytes were written into it.
+    Done(u32),
+    /// Not now (a rate limiter said wait): the chain stays in the avail ring
+    /// and the pass stops with notifications off; the caller retries later.
+    Defer,
+}
+
+/// [`drain_queue`] with a handler that may defer a chain.
+pub fn drain_queue_with<'m, F>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+    mut handle: F,
+) -> DrainStats
+where
+    F: FnMut(DescriptorChain<&'m GuestMemoryMmap>) -> ChainVerdict,
+{
     let mut stats = DrainStats::default();
     loop {
         // Failures here only lose an optimisation hint; the ring was checked
@@ -103,7 +127,14 @@ where
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             popped = true;
             let head = chain.head_index();
-            let used_len = handle(chain);
+            let used_len = match handle(chain) {
+                ChainVerdict::Done(len) => len,
+                ChainVerdict::Defer => {
+                    queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                    stats.deferred = true;
+                    return stats;
+                }
+            };
             match queue.add_used(mem, head, used_len) {
                 Ok(()) => stats.completed += 1,
                 Err(e) => {

@@ -5,6 +5,7 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
 const ACTIVATE: u32 = 0;
 const REQUEST_QUEUE: u32 = 1;
+const RATE_LIMITER: u32 = 2;
 
 impl Block {
     fn on_activate_event(&mut self, ops: &mut EventOps) {
@@ -29,6 +30,12 @@ impl MutEventSubscriber for Block {
             self.metrics.event_errors.inc();
             tracing::error!(error = %e, "virtio-blk: failed to register the activate event");
         }
+        if let Some(fd) = self.rate_limiter.timer_fd() {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, RATE_LIMITER, EventSet::IN)) {
+                self.metrics.event_errors.inc();
+                tracing::error!(error = %e, "virtio-blk: failed to register the rate limiter timer");
+            }
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -36,7 +43,15 @@ impl MutEventSubscriber for Block {
             ACTIVATE => self.on_activate_event(ops),
             REQUEST_QUEUE => {
                 self.queue_events.consume(0);
-                self.process_queue();
+                // While throttled the timer event resumes the queue.
+                if !self.rate_limiter.is_blocked() {
+                    self.process_queue();
+                }
+            }
+            RATE_LIMITER => {
+                if self.rate_limiter.on_timer() {
+                    self.process_queue();
+                }
             }
             other => tracing::error!(data = other, "virtio-blk: event from an unknown source"),
         }

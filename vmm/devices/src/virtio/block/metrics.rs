@@ -17,4 +17,6 @@ pub struct BlockMetrics {
     pub guest_faults: Counter,
     /// Event-loop or interrupt failures on the host.
     pub event_errors: Counter,
+    /// Times the rate limiter made the queue wait.
+    pub throttled: Counter,
 }

@@ -5,8 +5,9 @@ use super::backend::NetBackend;
 use super::tap::{Tap, TapError};
 use super::VNET_HDR_LEN;
 use crate::metrics::Counter;
+use crate::rate_limiter::RateLimiter;
 use crate::virtio::util::{
-    chain_shape, drain_queue, read_config_bytes, signal_used, QueueEventSet,
+    chain_shape, drain_queue_with, read_config_bytes, signal_used, ChainVerdict, QueueEventSet,
 };
 use crate::virtio::{
     ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt, TYPE_NET, VIRTIO_F_VERSION_1,
@@ -15,6 +16,7 @@ use crate::{guest_warn, GuestMemoryMmap};
 use serde::Serialize;
 use std::io::{self, Read, Write};
 use std::sync::Arc;
+use std::time::Instant;
 use virtio_bindings::bindings::virtio_net::{
     VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
@@ -52,6 +54,9 @@ pub struct NetMetrics {
     /// Malformed chains on either queue.
     pub guest_faults: Counter,
     pub event_errors: Counter,
+    /// Times a rate limiter made rx or tx wait.
+    pub rx_throttled: Counter,
+    pub tx_throttled: Counter,
 }
 
 pub(super) struct ActiveState {
@@ -71,6 +76,8 @@ pub(super) enum RxStop {
     NoBuffers,
     /// Not active, or the back-end is gone.
     Idle,
+    /// The rx rate limiter said wait; its timer resumes rx.
+    Throttled,
 }
 
 pub struct Net {
@@ -89,6 +96,10 @@ pub struct Net {
     /// Length of a frame read from the back-end but not yet delivered.
     rx_pending: Option<usize>,
     tx_buf: Vec<u8>,
+    /// Host-to-guest frames.
+    pub(super) rx_limiter: RateLimiter,
+    /// Guest-to-host frames.
+    pub(super) tx_limiter: RateLimiter,
 }
 
 impl Net {
@@ -115,7 +126,17 @@ impl Net {
             rx_buf: vec![0; MAX_FRAME_LEN],
             rx_pending: None,
             tx_buf: vec![0; MAX_FRAME_LEN],
+            rx_limiter: RateLimiter::unlimited(),
+            tx_limiter: RateLimiter::unlimited(),
         })
+    }
+
+    /// Limits frames to the guest (`rx`) and from it (`tx`). Call before the
+    /// device joins the event loop, which then watches their timers.
+    pub fn with_rate_limiters(mut self, rx: RateLimiter, tx: RateLimiter) -> Self {
+        self.rx_limiter = rx;
+        self.tx_limiter = tx;
+        self
     }
 
     pub fn net_metrics(&self) -> &NetMetrics {
@@ -159,6 +180,18 @@ impl Net {
             let Some(chain) = active.rx.pop_descriptor_chain(&active.mem) else {
                 break RxStop::NoBuffers;
             };
+            if !self.rx_limiter.is_unlimited()
+                && !self
+                    .rx_limiter
+                    .consume((len - VNET_HDR_LEN) as u64, Instant::now())
+            {
+                // Keep the buffer and the frame for when the timer fires.
+                metrics.rx_throttled.inc();
+                active
+                    .rx
+                    .set_next_avail(active.rx.next_avail().wrapping_sub(1));
+                break RxStop::Throttled;
+            }
             let head = chain.head_index();
             let frame = &mut self.rx_buf[..len];
             // num_buffers = 1: we never merge rx buffers.
@@ -210,7 +243,18 @@ impl Net {
         let metrics = &self.metrics;
         let backend = &mut self.backend;
         let buf = &mut self.tx_buf;
-        let stats = drain_queue(&mut active.tx, &active.mem, |chain| {
+        let limiter = &mut self.tx_limiter;
+        let stats = drain_queue_with(&mut active.tx, &active.mem, |chain| {
+            if !limiter.is_unlimited() {
+                // A malformed chain is charged nothing; gather_frame drops it.
+                let bytes = chain_shape(&chain)
+                    .map(|s| s.readable_bytes.saturating_sub(VNET_HDR_LEN as u64))
+                    .unwrap_or(0);
+                if !limiter.consume(bytes, Instant::now()) {
+                    metrics.tx_throttled.inc();
+                    return ChainVerdict::Defer;
+                }
+            }
             match gather_frame(&active.mem, chain, buf) {
                 Ok(len) => match backend.write_frame(&buf[..len]) {
                     Ok(_) => {
@@ -228,7 +272,7 @@ impl Net {
                     guest_warn!(reason, "virtio-net: malformed tx chain dropped");
                 }
             }
-            0
+            ChainVerdict::Done(0)
         });
         metrics.guest_faults.add(stats.used_ring_errors);
         if stats.stalled {
@@ -430,11 +474,17 @@ mod tests {
     }
 
     fn harness(mem: &GuestMemoryMmap) -> Harness<'_> {
+        limited_harness(mem, RateLimiter::unlimited(), RateLimiter::unlimited())
+    }
+
+    fn limited_harness(mem: &GuestMemoryMmap, rx: RateLimiter, tx: RateLimiter) -> Harness<'_> {
         let (ours, peer) = UnixDatagram::pair().unwrap();
         ours.set_nonblocking(true).unwrap();
         peer.set_nonblocking(true).unwrap();
         let net = Arc::new(Mutex::new(
-            Net::new(Box::new(SocketBackend(ours)), MAC).unwrap(),
+            Net::new(Box::new(SocketBackend(ours)), MAC)
+                .unwrap()
+                .with_rate_limiters(rx, tx),
         ));
         let mut manager = EventManager::<Arc<Mutex<Net>>>::new().unwrap();
         manager.add_subscriber(net.clone());
@@ -665,6 +715,73 @@ mod tests {
         assert_eq!(h.tx.used_idx(), 8);
         assert_eq!(h.metric("tx_dropped_malformed"), 7);
         assert_eq!(h.metric("tx_frames"), 1);
+    }
+
+    fn frames_per(ms: u64, frames: u64) -> RateLimiter {
+        use crate::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
+        let config = RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(TokenBucketConfig {
+                size: frames,
+                one_time_burst: 0,
+                refill_time_ms: ms,
+            }),
+        };
+        RateLimiter::new(&config, Instant::now()).unwrap()
+    }
+
+    fn run_until(h: &mut Harness<'_>, done: impl Fn(&Harness<'_>) -> bool) {
+        let start = Instant::now();
+        while !done(h) && start.elapsed() < std::time::Duration::from_secs(5) {
+            h.manager.run_with_timeout(100).unwrap();
+        }
+    }
+
+    #[test]
+    fn tx_rate_limit_holds_frames_until_the_timer() {
+        let mem = guest_memory();
+        let mut h = limited_harness(&mem, RateLimiter::unlimited(), frames_per(40, 2));
+        let frames: Vec<Vec<u8>> = (0..4).map(|i| frame(20, i)).collect();
+        for (i, f) in frames.iter().enumerate() {
+            let addr = 0x10_0000 + i as u64 * 0x1000;
+            write_guest(&mem, addr, f);
+            h.tx.add_chain(&[RawDesc::new(addr, f.len() as u32, 0)]);
+        }
+        h.kick(TX_QUEUE);
+        assert_eq!(h.recv_all(), frames[..2].to_vec());
+        assert_eq!(h.tx.used_idx(), 2);
+        assert_eq!(h.metric("tx_throttled"), 1);
+        let start = Instant::now();
+        run_until(&mut h, |h| h.tx.used_idx() == 4);
+        assert!(start.elapsed() >= std::time::Duration::from_millis(15));
+        assert_eq!(h.recv_all(), frames[2..].to_vec());
+        assert_eq!(h.metric("tx_frames"), 4);
+    }
+
+    #[test]
+    fn rx_rate_limit_keeps_the_frame_and_the_buffer() {
+        let mem = guest_memory();
+        let mut h = limited_harness(&mem, frames_per(40, 1), RateLimiter::unlimited());
+        for i in 0..3u64 {
+            h.rx.add_chain(&[RawDesc::new(0x10_0000 + i * 0x1000, 1600, W)]);
+        }
+        h.kick(RX_QUEUE);
+        let frames: Vec<Vec<u8>> = (0..3).map(|i| frame(30, i)).collect();
+        for f in &frames {
+            h.peer.send(f).unwrap();
+        }
+        h.run();
+        assert_eq!(h.rx.used_idx(), 1);
+        assert!(h.metric("rx_throttled") >= 1);
+        assert!(!h.net.lock().unwrap().backend_registered);
+        run_until(&mut h, |h| h.rx.used_idx() == 3);
+        assert_eq!(h.rx.used_idx(), 3);
+        for (i, f) in frames.iter().enumerate() {
+            let got = read_guest(&mem, 0x10_0000 + i as u64 * 0x1000 + 12, 30);
+            assert_eq!(got, f[12..].to_vec(), "frame {i}");
+        }
+        assert_eq!(h.metric("rx_frames"), 3);
+        assert_eq!(h.metric("rx_dropped_too_big"), 0);
     }
 
     /// A back-end that is always readable and always at end-of-file.

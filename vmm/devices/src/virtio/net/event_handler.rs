@@ -13,6 +13,8 @@ const QUEUE_BASE: u32 = 1;
 const RX_EVENT: u32 = QUEUE_BASE + RX_QUEUE as u32;
 const TX_EVENT: u32 = QUEUE_BASE + TX_QUEUE as u32;
 const BACKEND: u32 = 100;
+const RX_LIMITER: u32 = 101;
+const TX_LIMITER: u32 = 102;
 
 impl Net {
     fn set_backend_interest(&mut self, ops: &mut EventOps, wanted: bool) {
@@ -63,6 +65,17 @@ impl MutEventSubscriber for Net {
             self.metrics.event_errors.inc();
             tracing::error!(error = %e, "virtio-net: failed to register the activate event");
         }
+        let timers = [
+            (self.rx_limiter.timer_fd(), RX_LIMITER),
+            (self.tx_limiter.timer_fd(), TX_LIMITER),
+        ];
+        for (fd, data) in timers {
+            let Some(fd) = fd else { continue };
+            if let Err(e) = ops.add(Events::with_data_raw(fd, data, EventSet::IN)) {
+                self.metrics.event_errors.inc();
+                tracing::error!(error = %e, "virtio-net: failed to register a rate limiter timer");
+            }
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -74,7 +87,20 @@ impl MutEventSubscriber for Net {
             }
             TX_EVENT => {
                 self.queue_events.consume(TX_QUEUE);
-                self.process_tx();
+                // While throttled the timer event resumes tx.
+                if !self.tx_limiter.is_blocked() {
+                    self.process_tx();
+                }
+            }
+            RX_LIMITER => {
+                if self.rx_limiter.on_timer() {
+                    self.run_rx(ops);
+                }
+            }
+            TX_LIMITER => {
+                if self.tx_limiter.on_timer() {
+                    self.process_tx();
+                }
             }
             BACKEND => {
                 if events

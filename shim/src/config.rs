@@ -1,0 +1,393 @@
+//! The shim's TOML config (`/etc/microvm/config.toml`, or the CRI runtime
+//! option `ConfigPath`). Every table denies unknown keys, and every error
+//! names the key (`vm.vcpus`), through `serde_path_to_error` for parse errors
+//! and [`Config::validate`] for values serde accepts but the shim cannot use.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where the config is read from when the runtime options name none.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/microvm/config.toml";
+/// Overrides [`DEFAULT_CONFIG_PATH`] (tests, hosts without /etc/microvm).
+pub const CONFIG_PATH_ENV: &str = "MICROVM_SHIM_CONFIG";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read shim config {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("shim config {path}: key `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// `microvm-vmm`, this repo's VMM.
+    #[default]
+    Builtin,
+    /// `qemu-system-x86_64 -M microvm` with vhost-user vsock and fs.
+    Qemu,
+}
+
+impl BackendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Builtin => "builtin",
+            Self::Qemu => "qemu",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Kvm,
+    #[default]
+    Tcg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    #[default]
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn as_filter(self) -> &'static str {
+        match self {
+            Self::Error => "error",
+            Self::Warn => "warn",
+            Self::Info => "info",
+            Self::Debug => "debug",
+            Self::Trace => "trace",
+        }
+    }
+}
+
+/// The whole file. Every table is optional; defaults are in the `Default`
+/// impls and in `config/microvm.toml`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub backend: BackendKind,
+    pub log_level: LogLevel,
+    pub vm: VmConfig,
+    pub paths: PathsConfig,
+    pub timeouts: TimeoutsConfig,
+    pub qemu: QemuConfig,
+    pub builtin: BuiltinConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmConfig {
+    /// Guest kernel (vmlinux with a PVH note, or bzImage). Empty: the cached
+    /// guest image (`microvm-image all`).
+    pub kernel: PathBuf,
+    /// Empty: the cached release initramfs.
+    pub initramfs: PathBuf,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Extra kernel command line words, after the image's own.
+    pub kernel_args: String,
+    /// Boot the guest with `microvm_debug_shell=1` (debug initramfs only).
+    pub debug_console: bool,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            kernel: PathBuf::new(),
+            initramfs: PathBuf::new(),
+            vcpus: 1,
+            memory_mib: 256,
+            kernel_args: String::new(),
+            debug_console: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PathsConfig {
+    /// Per-pod runtime state (sockets, shared dir, pid files).
+    pub state_dir: PathBuf,
+    /// Per-pod guest console + agent log files.
+    pub log_dir: PathBuf,
+    pub virtiofsd: PathBuf,
+}
+
+impl Default for PathsConfig {
+    fn default() -> Self {
+        Self {
+            state_dir: PathBuf::from("/run/microvm"),
+            log_dir: PathBuf::from("/var/log/microvm"),
+            virtiofsd: PathBuf::from("virtiofsd"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutsConfig {
+    /// From VM launch until the agent prints its ready line.
+    pub boot_seconds: f64,
+    /// From the ready line until the agent answers its health check.
+    pub agent_seconds: f64,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        Self {
+            boot_seconds: 60.0,
+            agent_seconds: 10.0,
+        }
+    }
+}
+
+impl TimeoutsConfig {
+    pub fn boot(&self) -> Duration {
+        Duration::from_secs_f64(self.boot_seconds)
+    }
+
+    pub fn agent(&self) -> Duration {
+        Duration::from_secs_f64(self.agent_seconds)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QemuConfig {
+    pub binary: PathBuf,
+    pub accel: Accel,
+    pub vhost_device_vsock: PathBuf,
+}
+
+impl Default for QemuConfig {
+    fn default() -> Self {
+        Self {
+            binary: PathBuf::from("qemu-system-x86_64"),
+            accel: Accel::Tcg,
+            vhost_device_vsock: PathBuf::from("vhost-device-vsock"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BuiltinConfig {
+    pub vmm: PathBuf,
+}
+
+impl Default for BuiltinConfig {
+    fn default() -> Self {
+        Self {
+            vmm: PathBuf::from("microvm-vmm"),
+        }
+    }
+}
+
+const MAX_VCPUS: u32 = 64;
+const MIN_MEMORY_MIB: u32 = 64;
+
+impl Config {
+    /// Parses and validates `text`; `path` is only for messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let deserializer = toml::Deserializer::new(text);
+        let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|err| {
+            let key = err.path().to_string();
+            // toml's message carries the line/column; keep its first line.
+            let message = err.inner().message().to_owned();
+            ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key: if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
+                message,
+            }
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Reads `path`; a missing default file gives the defaults, a missing
+    /// file someone named is an error.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let env_path = std::env::var_os(CONFIG_PATH_ENV).map(PathBuf::from);
+        let (path, named) = match (path, env_path) {
+            (Some(path), _) => (path.to_path_buf(), true),
+            (None, Some(path)) => (path, true),
+            (None, None) => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Self::parse(&text, &path),
+            Err(err) if !named && err.kind() == std::io::ErrorKind::NotFound => {
+                Ok(Self::default())
+            }
+            Err(source) => Err(ConfigError::Read { path, source }),
+        }
+    }
+
+    /// Values serde accepts but that cannot work.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key: key.to_owned(),
+            message,
+        };
+        if self.vm.vcpus == 0 || self.vm.vcpus > MAX_VCPUS {
+            return Err(invalid(
+                "vm.vcpus",
+                format!("{} is not in 1..={MAX_VCPUS}", self.vm.vcpus),
+            ));
+        }
+        if self.vm.memory_mib < MIN_MEMORY_MIB {
+            return Err(invalid(
+                "vm.memory_mib",
+                format!("{} is below the minimum of {MIN_MEMORY_MIB}", self.vm.memory_mib),
+            ));
+        }
+        for (key, seconds) in [
+            ("timeouts.boot_seconds", self.timeouts.boot_seconds),
+            ("timeouts.agent_seconds", self.timeouts.agent_seconds),
+        ] {
+            if !(seconds.is_finite() && seconds > 0.0 && seconds <= 3600.0) {
+                return Err(invalid(key, format!("{seconds} is not in (0, 3600]")));
+            }
+        }
+        for (key, dir) in [
+            ("paths.state_dir", &self.paths.state_dir),
+            ("paths.log_dir", &self.paths.log_dir),
+        ] {
+            if !dir.is_absolute() {
+                return Err(invalid(
+                    key,
+                    format!("{} is not an absolute path", dir.display()),
+                ));
+            }
+        }
+        if self.vm.kernel_args.contains('\n') {
+            return Err(invalid("vm.kernel_args", "has a newline".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/microvm/config.toml"))
+    }
+
+    fn error_of(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn empty_file_gives_the_defaults() {
+        let config = parse("").unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(config.backend, BackendKind::Builtin);
+        assert_eq!(config.vm.vcpus, 1);
+        assert_eq!(config.qemu.accel, Accel::Tcg);
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let config = parse(
+            r#"
+            backend = "qemu"
+            log_level = "debug"
+            [vm]
+            kernel = "/k/vmlinux"
+            initramfs = "/k/initrd"
+            vcpus = 2
+            memory_mib = 512
+            debug_console = true
+            [timeouts]
+            boot_seconds = 90
+            agent_seconds = 2.5
+            [qemu]
+            accel = "kvm"
+            [paths]
+            state_dir = "/tmp/state"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.backend, BackendKind::Qemu);
+        assert_eq!(config.log_level, LogLevel::Debug);
+        assert_eq!(config.vm.vcpus, 2);
+        assert_eq!(config.vm.kernel, PathBuf::from("/k/vmlinux"));
+        assert_eq!(config.timeouts.agent(), Duration::from_millis(2500));
+        assert_eq!(config.timeouts.boot(), Duration::from_secs(90));
+        assert_eq!(config.qemu.accel, Accel::Kvm);
+        assert_eq!(config.paths.state_dir, PathBuf::from("/tmp/state"));
+        // Untouched keys of a given table keep their defaults.
+        assert_eq!(config.paths.log_dir, PathBuf::from("/var/log/microvm"));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = error_of("[vm]\nvcpu = 2\n");
+        assert!(err.contains("`vm.vcpu`"), "{err}");
+        assert!(err.contains("unknown field"), "{err}");
+        let err = error_of("hypervisor = \"qemu\"\n");
+        assert!(err.contains("`hypervisor`"), "{err}");
+        let err = error_of("[network]\n");
+        assert!(err.contains("`network`"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let err = error_of("backend = \"firecracker\"\n");
+        assert!(err.contains("`backend`"), "{err}");
+        assert!(err.contains("firecracker"), "{err}");
+        let err = error_of("[vm]\nvcpus = \"two\"\n");
+        assert!(err.contains("`vm.vcpus`"), "{err}");
+        let err = error_of("[vm]\nvcpus = 0\n");
+        assert!(err.contains("`vm.vcpus`"), "{err}");
+        let err = error_of("[vm]\nmemory_mib = 16\n");
+        assert!(err.contains("`vm.memory_mib`"), "{err}");
+        let err = error_of("[timeouts]\nagent_seconds = -1\n");
+        assert!(err.contains("`timeouts.agent_seconds`"), "{err}");
+        let err = error_of("[qemu]\naccel = \"hvf\"\n");
+        assert!(err.contains("`qemu.accel`"), "{err}");
+        let err = error_of("[paths]\nstate_dir = \"relative\"\n");
+        assert!(err.contains("`paths.state_dir`"), "{err}");
+        let err = error_of("[vm\n");
+        assert!(err.contains("config.toml"), "{err}");
+    }
+
+    #[test]
+    fn load_reports_a_named_missing_file() {
+        let err = Config::load(Some(Path::new("/nonexistent/microvm.toml"))).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }));
+        assert!(err.to_string().contains("/nonexistent/microvm.toml"));
+    }
+
+    #[test]
+    fn the_example_config_in_the_repo_parses() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/microvm.toml");
+        let text = std::fs::read_to_string(&example).unwrap();
+        let config = Config::parse(&text, &example).unwrap();
+        assert_eq!(config.backend, BackendKind::Builtin);
+    }
+}

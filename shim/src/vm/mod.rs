@@ -1,0 +1,416 @@
+//! The pod VM. A [`Backend`] turns a [`PodVmSpec`] into the host processes
+//! to run, in order (a pure function, unit-tested per backend); the
+//! [`supervisor`] runs them, waits for each one's socket, records their pids
+//! for the crash cleanup, watches them and reaps them. Both backends give
+//! the shim the same agent channel: hybrid vsock on
+//! [`layout::PodLayout::agent_socket`].
+
+pub mod layout;
+pub mod supervisor;
+
+use crate::config::{Accel, BackendKind, Config};
+use layout::{PodLayout, SHARED_FS_TAG};
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("guest kernel {0} is missing (set vm.kernel, or build the guest image with `microvm-image all`)")]
+    MissingKernel(PathBuf),
+    #[error("guest initramfs {0} is missing (set vm.initramfs, or build the guest image with `microvm-image all`)")]
+    MissingInitramfs(PathBuf),
+    #[error("no cached guest image under {0}: build it with `microvm-image all`, or set vm.kernel and vm.initramfs")]
+    NoCachedImage(PathBuf),
+}
+
+/// What every backend needs to know about the VM to boot.
+#[derive(Debug, Clone)]
+pub struct PodVmSpec {
+    pub layout: PodLayout,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    /// The image's command line plus config extras, before the backend's
+    /// own adjustments.
+    pub kernel_args: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub debug_console: bool,
+    pub virtiofsd: PathBuf,
+}
+
+/// One host process of the pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessSpec {
+    /// Short name: the pid file's name and the log prefix.
+    pub name: &'static str,
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+    /// The next process starts only once this socket exists.
+    pub ready_socket: Option<PathBuf>,
+    /// This process is the VM itself: its exit is the VM's exit.
+    pub is_vmm: bool,
+}
+
+pub trait Backend: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Whether the VM gets virtio-fs (the container rootfs needs it).
+    fn shares_files(&self) -> bool;
+    /// The processes to run, in start order.
+    fn plan(&self, spec: &PodVmSpec) -> Vec<ProcessSpec>;
+}
+
+pub fn backend_for(config: &Config) -> Box<dyn Backend> {
+    match config.backend {
+        BackendKind::Builtin => Box::new(BuiltinBackend {
+            vmm: config.builtin.vmm.clone(),
+        }),
+        BackendKind::Qemu => Box::new(QemuBackend {
+            qemu: config.qemu.binary.clone(),
+            accel: config.qemu.accel,
+            vhost_device_vsock: config.qemu.vhost_device_vsock.clone(),
+        }),
+    }
+}
+
+/// The guest kernel and initramfs: the config's, else the newest cached
+/// guest image. Missing files are errors that say which.
+pub fn guest_image(config: &Config) -> Result<(PathBuf, PathBuf), BackendError> {
+    let cache = microvm_guest_image::cache::cache_root();
+    let kernel = if config.vm.kernel.as_os_str().is_empty() {
+        newest(&cache.join("kernel"), |dir| {
+            let vmlinux = dir.join("vmlinux");
+            vmlinux.is_file().then_some(vmlinux)
+        })
+        .ok_or_else(|| BackendError::NoCachedImage(cache.join("kernel")))?
+    } else {
+        config.vm.kernel.clone()
+    };
+    let initramfs = if config.vm.initramfs.as_os_str().is_empty() {
+        let prefix = if config.vm.debug_console {
+            "debug-"
+        } else {
+            "release-"
+        };
+        newest(&cache.join("initramfs"), |file| {
+            let name = file.file_name()?.to_str()?;
+            (name.starts_with(prefix) && name.ends_with(".cpio")).then(|| file.to_path_buf())
+        })
+        .ok_or_else(|| BackendError::NoCachedImage(cache.join("initramfs")))?
+    } else {
+        config.vm.initramfs.clone()
+    };
+    if !kernel.is_file() {
+        return Err(BackendError::MissingKernel(kernel));
+    }
+    if !initramfs.is_file() {
+        return Err(BackendError::MissingInitramfs(initramfs));
+    }
+    Ok((kernel, initramfs))
+}
+
+/// The most recently modified entry of `dir` that `pick` accepts.
+fn newest(
+    dir: &std::path::Path,
+    pick: impl Fn(&std::path::Path) -> Option<PathBuf>,
+) -> Option<PathBuf> {
+    let entries = std::fs::read_dir(dir).ok()?;
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let picked = pick(&entry.path())?;
+            let modified = std::fs::metadata(&picked).ok()?.modified().ok()?;
+            Some((modified, picked))
+        })
+        .max_by_key(|(modified, _)| *modified)
+        .map(|(_, path)| path)
+}
+
+fn os(text: impl Into<OsString>) -> OsString {
+    text.into()
+}
+
+fn cmdline(base: String, spec: &PodVmSpec) -> String {
+    let mut words = base;
+    if !spec.kernel_args.trim().is_empty() {
+        words.push(' ');
+        words.push_str(spec.kernel_args.trim());
+    }
+    if spec.debug_console {
+        words.push_str(" microvm_debug_shell=1");
+    }
+    words
+}
+
+fn virtiofsd(spec: &PodVmSpec) -> ProcessSpec {
+    let layout = &spec.layout;
+    ProcessSpec {
+        name: "virtiofsd",
+        program: spec.virtiofsd.clone(),
+        args: vec![
+            os("--socket-path"),
+            layout.virtiofs_socket().into(),
+            os("--shared-dir"),
+            layout.shared_dir().into(),
+            // Container rootfs are mounts under the shared dir: give each
+            // its own device number in the guest.
+            os("--announce-submounts"),
+            // The shim mounts rootfs after virtiofsd started; its mount
+            // namespace must see them (the shared dir is a shared mount).
+            os("--sandbox"),
+            os("namespace"),
+            os("--cache"),
+            os("auto"),
+            os("--log-level"),
+            os("warn"),
+        ],
+        ready_socket: Some(layout.virtiofs_socket()),
+        is_vmm: false,
+    }
+}
+
+/// `microvm-vmm`: one process, serving hybrid vsock itself.
+#[derive(Debug, Clone)]
+pub struct BuiltinBackend {
+    pub vmm: PathBuf,
+}
+
+impl Backend for BuiltinBackend {
+    fn name(&self) -> &'static str {
+        "builtin"
+    }
+
+    /// microvm-vmm has no vhost-user-fs device yet (docs/vmm-api.md).
+    fn shares_files(&self) -> bool {
+        false
+    }
+
+    fn plan(&self, spec: &PodVmSpec) -> Vec<ProcessSpec> {
+        let layout = &spec.layout;
+        let vmm = ProcessSpec {
+            name: "vmm",
+            program: self.vmm.clone(),
+            args: vec![
+                os("--kernel"),
+                spec.kernel.clone().into(),
+                os("--initrd"),
+                spec.initramfs.clone().into(),
+                os("--cmdline"),
+                os(cmdline(microvm_guest_image::KERNEL_CMDLINE.to_owned(), spec)),
+                os("--vcpus"),
+                os(spec.vcpus.to_string()),
+                os("--memory-mib"),
+                os(spec.memory_mib.to_string()),
+                os("--vsock-uds"),
+                layout.agent_socket().into(),
+                os("--serial-output"),
+                layout.log_file.clone().into(),
+            ],
+            ready_socket: Some(layout.agent_socket()),
+            is_vmm: true,
+        };
+        vec![vmm]
+    }
+}
+
+/// `qemu-system-x86_64 -M microvm` with vhost-user vsock
+/// (`vhost-device-vsock`) and vhost-user-fs (`virtiofsd`). vhost-user needs
+/// the guest RAM in a shared memfd.
+#[derive(Debug, Clone)]
+pub struct QemuBackend {
+    pub qemu: PathBuf,
+    pub accel: Accel,
+    pub vhost_device_vsock: PathBuf,
+}
+
+impl Backend for QemuBackend {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn shares_files(&self) -> bool {
+        true
+    }
+
+    fn plan(&self, spec: &PodVmSpec) -> Vec<ProcessSpec> {
+        let layout = &spec.layout;
+        let vsock = ProcessSpec {
+            name: "vhost-device-vsock",
+            program: self.vhost_device_vsock.clone(),
+            args: vec![
+                os("--guest-cid"),
+                os("3"),
+                os("--socket"),
+                layout.vhost_vsock_socket().into(),
+                os("--uds-path"),
+                layout.agent_socket().into(),
+            ],
+            ready_socket: Some(layout.vhost_vsock_socket()),
+            is_vmm: false,
+        };
+        let (accel, cpu) = match self.accel {
+            Accel::Kvm => ("kvm", "host"),
+            Accel::Tcg => ("tcg", "max"),
+        };
+        let memory = format!("{}M", spec.memory_mib);
+        // append=on: the log also holds the helpers' output.
+        let mut serial = OsString::from("file,id=serial,append=on,path=");
+        serial.push(&layout.log_file);
+        let mut vsock_chardev = OsString::from("socket,id=vsock,path=");
+        vsock_chardev.push(layout.vhost_vsock_socket());
+        let mut fs_chardev = OsString::from("socket,id=fs,path=");
+        fs_chardev.push(layout.virtiofs_socket());
+        let qemu = ProcessSpec {
+            name: "qemu",
+            program: self.qemu.clone(),
+            args: vec![
+                os("-M"),
+                // acpi=off: QEMU then lists the virtio-mmio devices on the
+                // kernel command line, which our ACPI-less kernel needs.
+                os("microvm,acpi=off,x-option-roms=off,isa-serial=on,rtc=off,memory-backend=mem"),
+                os("-object"),
+                os(format!("memory-backend-memfd,id=mem,size={memory},share=on")),
+                os("-accel"),
+                os(accel),
+                os("-cpu"),
+                os(cpu),
+                os("-m"),
+                os(memory),
+                os("-smp"),
+                os(spec.vcpus.to_string()),
+                os("-nodefaults"),
+                os("-no-user-config"),
+                os("-display"),
+                os("none"),
+                os("-no-reboot"),
+                os("-chardev"),
+                serial,
+                os("-serial"),
+                os("chardev:serial"),
+                os("-kernel"),
+                spec.kernel.clone().into(),
+                os("-initrd"),
+                spec.initramfs.clone().into(),
+                os("-append"),
+                os(cmdline(microvm_guest_image::qemu_cmdline(), spec)),
+                os("-chardev"),
+                vsock_chardev,
+                os("-device"),
+                os("vhost-user-vsock-device,chardev=vsock"),
+                os("-chardev"),
+                fs_chardev,
+                os("-device"),
+                os(format!("vhost-user-fs-device,chardev=fs,tag={SHARED_FS_TAG}")),
+            ],
+            ready_socket: None,
+            is_vmm: true,
+        };
+        vec![virtiofsd(spec), vsock, qemu]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn spec() -> PodVmSpec {
+        PodVmSpec {
+            layout: PodLayout::new(Path::new("/run/mv"), Path::new("/var/log/mv"), "ns", "pod"),
+            kernel: "/img/vmlinux".into(),
+            initramfs: "/img/initrd".into(),
+            kernel_args: "loglevel=7".into(),
+            vcpus: 2,
+            memory_mib: 256,
+            debug_console: false,
+            virtiofsd: "virtiofsd".into(),
+        }
+    }
+
+    fn joined(process: &ProcessSpec) -> String {
+        process
+            .args
+            .iter()
+            .map(|arg| arg.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn qemu_plan_starts_the_vhost_user_backends_first() {
+        let backend = QemuBackend {
+            qemu: "qemu-system-x86_64".into(),
+            accel: Accel::Tcg,
+            vhost_device_vsock: "vhost-device-vsock".into(),
+        };
+        let plan = backend.plan(&spec());
+        let names: Vec<_> = plan.iter().map(|p| p.name).collect();
+        assert_eq!(names, ["virtiofsd", "vhost-device-vsock", "qemu"]);
+        assert_eq!(
+            plan[0].ready_socket.as_deref(),
+            Some(Path::new("/run/mv/ns/pod/fs.sock"))
+        );
+        assert!(joined(&plan[0]).contains("--shared-dir /run/mv/ns/pod/shared"));
+        assert_eq!(
+            joined(&plan[1]),
+            "--guest-cid 3 --socket /run/mv/ns/pod/vu.sock --uds-path /run/mv/ns/pod/vs.sock"
+        );
+        let qemu = joined(&plan[2]);
+        assert!(plan[2].is_vmm && !plan[0].is_vmm && !plan[1].is_vmm);
+        for expected in [
+            "-M microvm,acpi=off,",
+            "memory-backend=mem",
+            "memory-backend-memfd,id=mem,size=256M,share=on",
+            "-accel tcg -cpu max -m 256M -smp 2",
+            "-chardev file,id=serial,append=on,path=/var/log/mv/ns-pod.log -serial chardev:serial",
+            "-kernel /img/vmlinux -initrd /img/initrd",
+            "reboot=t",
+            "loglevel=7",
+            "-chardev socket,id=vsock,path=/run/mv/ns/pod/vu.sock -device vhost-user-vsock-device,chardev=vsock",
+            "-chardev socket,id=fs,path=/run/mv/ns/pod/fs.sock -device vhost-user-fs-device,chardev=fs,tag=microvm-shared",
+        ] {
+            assert!(qemu.contains(expected), "{expected} missing from {qemu}");
+        }
+        assert!(!qemu.contains("reboot=k"));
+    }
+
+    #[test]
+    fn qemu_kvm_uses_the_host_cpu() {
+        let backend = QemuBackend {
+            qemu: "q".into(),
+            accel: Accel::Kvm,
+            vhost_device_vsock: "v".into(),
+        };
+        let plan = backend.plan(&spec());
+        assert!(joined(&plan[2]).contains("-accel kvm -cpu host"));
+    }
+
+    #[test]
+    fn builtin_plan_is_one_vmm_serving_hybrid_vsock() {
+        let backend = BuiltinBackend {
+            vmm: "/bin/microvm-vmm".into(),
+        };
+        let mut spec = spec();
+        spec.debug_console = true;
+        let plan = backend.plan(&spec);
+        assert_eq!(plan.len(), 1);
+        assert!(plan[0].is_vmm);
+        assert_eq!(plan[0].program, PathBuf::from("/bin/microvm-vmm"));
+        let args = joined(&plan[0]);
+        assert!(args.contains("--vsock-uds /run/mv/ns/pod/vs.sock"));
+        assert!(args.contains("--serial-output /var/log/mv/ns-pod.log"));
+        assert!(args.contains("--vcpus 2 --memory-mib 256"));
+        assert!(args.contains("reboot=k"));
+        assert!(args.contains("microvm_debug_shell=1"));
+        assert!(!backend.shares_files());
+    }
+
+    #[test]
+    fn guest_image_names_the_missing_file() {
+        let mut config = Config::default();
+        config.vm.kernel = "/nonexistent/vmlinux".into();
+        config.vm.initramfs = "/nonexistent/initrd".into();
+        let err = guest_image(&config).unwrap_err();
+        assert!(matches!(err, BackendError::MissingKernel(_)));
+        assert!(err.to_string().contains("/nonexistent/vmlinux"));
+    }
+}

@@ -1,0 +1,561 @@
+//! Runs a backend's plan: starts each process in order, waits for its
+//! socket, records its pid (with its start time, so the crash cleanup never
+//! kills a recycled pid), watches it and reaps it. A [`PodVm`] that is
+//! dropped kills what it started; [`PodVm::shutdown`] also waits for the
+//! processes and removes their pid files and sockets.
+
+use super::layout::PodLayout;
+use super::ProcessSpec;
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::sync::{oneshot, watch};
+
+/// How often readiness is polled.
+const POLL: Duration = Duration::from_millis(10);
+/// How long a killed process may take to be reaped.
+const REAP_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("cannot create {path}")]
+    Prepare {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start {name} ({program})")]
+    Spawn {
+        name: &'static str,
+        program: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{name} exited before creating {socket}: {status} (see {log})")]
+    ExitedEarly {
+        name: &'static str,
+        socket: PathBuf,
+        status: String,
+        log: PathBuf,
+    },
+    #[error("{name} did not create {socket} within {timeout:?} (see {log})")]
+    NotReady {
+        name: &'static str,
+        socket: PathBuf,
+        timeout: Duration,
+        log: PathBuf,
+    },
+}
+
+/// One watched process.
+#[derive(Debug)]
+struct Supervised {
+    name: &'static str,
+    pid: u32,
+    is_vmm: bool,
+    /// Dropping or sending kills the process.
+    kill: Option<oneshot::Sender<()>>,
+    /// `Some(description)` once reaped.
+    exited: watch::Receiver<Option<String>>,
+}
+
+/// A process of the pod that ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessExit {
+    pub name: &'static str,
+    pub is_vmm: bool,
+    pub status: String,
+}
+
+/// What the service watches to learn that the VM died.
+#[derive(Debug, Clone)]
+pub struct ExitWatch {
+    watched: Vec<(&'static str, bool, watch::Receiver<Option<String>>)>,
+}
+
+impl ExitWatch {
+    /// The first process of the pod to exit.
+    pub async fn first_exit(mut self) -> ProcessExit {
+        let waits = self.watched.iter_mut().map(|(name, is_vmm, exited)| {
+            let name = *name;
+            let is_vmm = *is_vmm;
+            Box::pin(async move {
+                let status = match exited.wait_for(Option::is_some).await {
+                    Ok(status) => status.clone().unwrap_or_default(),
+                    Err(_) => "supervisor gone".to_owned(),
+                };
+                ProcessExit {
+                    name,
+                    is_vmm,
+                    status,
+                }
+            })
+        });
+        let waits: Vec<_> = waits.collect();
+        if waits.is_empty() {
+            return std::future::pending().await;
+        }
+        futures_select_all(waits).await
+    }
+}
+
+/// `futures::future::select_all` without the dependency: polls each.
+async fn futures_select_all<F>(mut futures: Vec<std::pin::Pin<Box<F>>>) -> F::Output
+where
+    F: std::future::Future + ?Sized,
+{
+    std::future::poll_fn(move |cx| {
+        for future in futures.iter_mut() {
+            if let std::task::Poll::Ready(output) = future.as_mut().poll(cx) {
+                return std::task::Poll::Ready(output);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+#[derive(Debug)]
+pub struct PodVm {
+    layout: PodLayout,
+    processes: Vec<Supervised>,
+    sockets: Vec<PathBuf>,
+}
+
+impl PodVm {
+    /// Starts `plan` in order. On any error, what was started is killed
+    /// and reaped before this returns.
+    pub async fn launch(
+        plan: Vec<ProcessSpec>,
+        layout: &PodLayout,
+        ready_timeout: Duration,
+    ) -> Result<Self, LaunchError> {
+        for dir in [layout.dir.clone(), layout.pid_dir()] {
+            std::fs::create_dir_all(&dir)
+                .map_err(|source| LaunchError::Prepare { path: dir, source })?;
+        }
+        if let Some(log_dir) = layout.log_file.parent() {
+            std::fs::create_dir_all(log_dir).map_err(|source| LaunchError::Prepare {
+                path: log_dir.to_path_buf(),
+                source,
+            })?;
+        }
+        let mut vm = Self {
+            layout: layout.clone(),
+            processes: Vec::new(),
+            sockets: Vec::new(),
+        };
+        for process in plan {
+            if let Err(err) = vm.start_one(process, ready_timeout).await {
+                vm.shutdown().await;
+                return Err(err);
+            }
+        }
+        Ok(vm)
+    }
+
+    async fn start_one(
+        &mut self,
+        spec: ProcessSpec,
+        ready_timeout: Duration,
+    ) -> Result<(), LaunchError> {
+        let log = &self.layout.log_file;
+        let open_log = || {
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .map_err(|source| LaunchError::Prepare {
+                    path: log.clone(),
+                    source,
+                })
+        };
+        if let Some(socket) = &spec.ready_socket {
+            // A stale socket from a crashed run would look ready at once.
+            let _ = std::fs::remove_file(socket);
+            self.sockets.push(socket.clone());
+        }
+        let mut command = tokio::process::Command::new(&spec.program);
+        command
+            .args(&spec.args)
+            .stdin(Stdio::null())
+            .stdout(open_log()?)
+            .stderr(open_log()?)
+            .kill_on_drop(true);
+        let mut child = command.spawn().map_err(|source| LaunchError::Spawn {
+            name: spec.name,
+            program: spec.program.clone(),
+            source,
+        })?;
+        let pid = child.id().unwrap_or(0);
+        record_pid(&self.layout.pid_dir(), spec.name, pid);
+        let (kill_tx, kill_rx) = oneshot::channel::<()>();
+        let (exited_tx, exited_rx) = watch::channel(None);
+        let name = spec.name;
+        tokio::spawn(async move {
+            let status = tokio::select! {
+                status = child.wait() => status,
+                _ = kill_rx => {
+                    // Best effort: it may have exited meanwhile.
+                    let _ = child.start_kill();
+                    child.wait().await
+                }
+            };
+            let description = match status {
+                Ok(status) => status.to_string(),
+                Err(err) => format!("wait failed: {err}"),
+            };
+            tracing::debug!("{name} (pid {pid}) exited: {description}");
+            let _ = exited_tx.send(Some(description));
+        });
+        let mut exited = exited_rx.clone();
+        self.processes.push(Supervised {
+            name: spec.name,
+            pid,
+            is_vmm: spec.is_vmm,
+            kill: Some(kill_tx),
+            exited: exited_rx,
+        });
+        tracing::info!("started {} (pid {pid})", spec.name);
+        let Some(socket) = spec.ready_socket else {
+            return Ok(());
+        };
+        let deadline = tokio::time::Instant::now() + ready_timeout;
+        loop {
+            if socket.exists() {
+                return Ok(());
+            }
+            if let Some(status) = exited.borrow_and_update().clone() {
+                return Err(LaunchError::ExitedEarly {
+                    name: spec.name,
+                    socket,
+                    status,
+                    log: log.clone(),
+                });
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(LaunchError::NotReady {
+                    name: spec.name,
+                    socket,
+                    timeout: ready_timeout,
+                    log: log.clone(),
+                });
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    pub fn exit_watch(&self) -> ExitWatch {
+        ExitWatch {
+            watched: self
+                .processes
+                .iter()
+                .map(|p| (p.name, p.is_vmm, p.exited.clone()))
+                .collect(),
+        }
+    }
+
+    /// The pids of the running processes, by name (the benchmark reads
+    /// their RSS).
+    pub fn pids(&self) -> Vec<(&'static str, u32)> {
+        self.processes.iter().map(|p| (p.name, p.pid)).collect()
+    }
+
+    /// Whether any process of the pod has exited.
+    pub fn any_exited(&self) -> Option<ProcessExit> {
+        self.processes.iter().find_map(|p| {
+            p.exited.borrow().clone().map(|status| ProcessExit {
+                name: p.name,
+                is_vmm: p.is_vmm,
+                status,
+            })
+        })
+    }
+
+    /// Kills every process (the VMM first), waits until each is reaped,
+    /// and removes the pid files and sockets. Idempotent.
+    pub async fn shutdown(&mut self) {
+        for process in self.processes.iter_mut().rev() {
+            if let Some(kill) = process.kill.take() {
+                let _ = kill.send(());
+            }
+            let reaped = tokio::time::timeout(
+                REAP_TIMEOUT,
+                process.exited.wait_for(Option::is_some),
+            )
+            .await;
+            if reaped.is_err() {
+                tracing::error!(
+                    "{} (pid {}) was not reaped within {REAP_TIMEOUT:?}",
+                    process.name,
+                    process.pid
+                );
+            }
+            let _ = std::fs::remove_file(self.layout.pid_dir().join(process.name));
+        }
+        for socket in &self.sockets {
+            let _ = std::fs::remove_file(socket);
+        }
+        let _ = std::fs::remove_file(self.layout.agent_socket());
+        let _ = std::fs::remove_dir(self.layout.pid_dir());
+    }
+}
+
+/// `<pid> <starttime>`: the start time (field 22 of /proc/<pid>/stat) tells
+/// a recycled pid apart. A failure only weakens the crash cleanup.
+fn record_pid(pid_dir: &Path, name: &str, pid: u32) {
+    let Some(start_time) = process_start_time(pid) else {
+        tracing::warn!("cannot read the start time of {name} (pid {pid})");
+        return;
+    };
+    if let Err(err) = std::fs::write(pid_dir.join(name), format!("{pid} {start_time}\n")) {
+        tracing::warn!("cannot record the pid of {name}: {err}");
+    }
+}
+
+/// Field 22 (starttime) of /proc/<pid>/stat.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parens: skip past its
+    // last ')'. Field 3 is then the first word.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Kills every process recorded in `pid_dir` that is still the same process
+/// (same start time), and removes the pid files. For a pod whose shim died.
+/// Returns the names of the processes it killed.
+pub fn kill_recorded(pid_dir: &Path) -> Vec<String> {
+    let mut killed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(pid_dir) else {
+        return killed;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let mut words = text.split_whitespace();
+        let pid = words.next().and_then(|w| w.parse::<u32>().ok());
+        let start_time = words.next().and_then(|w| w.parse::<u64>().ok());
+        if let (Some(pid), Some(start_time)) = (pid, start_time) {
+            if pid > 1 && process_start_time(pid) == Some(start_time) {
+                if let Ok(raw) = i32::try_from(pid) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(raw),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    wait_gone(pid, start_time);
+                    killed.push(entry.file_name().to_string_lossy().into_owned());
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+    let _ = std::fs::remove_dir(pid_dir);
+    killed
+}
+
+/// Waits (bounded) until `pid` with `start_time` is gone: reaped by its
+/// parent, or a zombie of a parent that is gone too.
+fn wait_gone(pid: u32, start_time: u64) {
+    let deadline = std::time::Instant::now() + REAP_TIMEOUT;
+    while std::time::Instant::now() < deadline {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let zombie = stat
+            .rfind(')')
+            .and_then(|at| stat[at + 1..].split_whitespace().next().map(|s| s == "Z"))
+            .unwrap_or(false);
+        if process_start_time(pid) != Some(start_time) || zombie {
+            return;
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+impl Drop for PodVm {
+    fn drop(&mut self) {
+        for process in &mut self.processes {
+            if let Some(kill) = process.kill.take() {
+                let _ = kill.send(());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout(dir: &Path) -> PodLayout {
+        PodLayout {
+            dir: dir.join("pod"),
+            log_file: dir.join("logs").join("pod.log"),
+        }
+    }
+
+    fn sh(name: &'static str, script: &str, ready: Option<PathBuf>, is_vmm: bool) -> ProcessSpec {
+        ProcessSpec {
+            name,
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into()],
+            ready_socket: ready,
+            is_vmm,
+        }
+    }
+
+    fn alive(pid: u32) -> bool {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        !stat.is_empty() && !stat.contains(") Z ")
+    }
+
+    #[tokio::test]
+    async fn launches_in_order_and_shutdown_reaps_everything() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = layout(tmp.path());
+        let ready = layout.dir.join("a.sock");
+        let plan = vec![
+            sh(
+                "backend",
+                &format!("echo backend-log; touch {}; exec sleep 60", ready.display()),
+                Some(ready.clone()),
+                false,
+            ),
+            // Starts only after the first one's socket exists.
+            sh(
+                "vmm",
+                &format!("test -e {} && exec sleep 60", ready.display()),
+                None,
+                true,
+            ),
+        ];
+        let mut vm = PodVm::launch(plan, &layout, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let pids = vm.pids();
+        assert_eq!(pids.len(), 2);
+        // The pid files hold the processes' pid and start time.
+        let recorded = std::fs::read_to_string(layout.pid_dir().join("vmm")).unwrap();
+        assert!(recorded.starts_with(&format!("{} ", pids[1].1)));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(vm.any_exited().is_none(), "the vmm saw no socket");
+        vm.shutdown().await;
+        for (_, pid) in pids {
+            assert!(!alive(pid), "{pid} still alive");
+        }
+        assert!(!ready.exists());
+        assert!(!layout.pid_dir().exists());
+        let log = std::fs::read_to_string(&layout.log_file).unwrap();
+        assert!(log.contains("backend-log"));
+    }
+
+    #[tokio::test]
+    async fn a_process_that_dies_early_fails_the_launch_and_kills_the_rest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = layout(tmp.path());
+        let plan = vec![
+            sh("first", "exec sleep 60", None, false),
+            sh(
+                "second",
+                "echo no socket for you >&2; exit 3",
+                Some(layout.dir.join("never.sock")),
+                true,
+            ),
+        ];
+        let err = PodVm::launch(plan, &layout, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("second exited before creating"), "{message}");
+        assert!(message.contains("exit status: 3"), "{message}");
+        let first_pid: u32 = std::fs::read_to_string(layout.pid_dir().join("first"))
+            .map(|text| text.split_whitespace().next().unwrap_or("0").parse().unwrap())
+            .unwrap_or(0);
+        assert_eq!(first_pid, 0, "pid file of the killed process is removed");
+        let log = std::fs::read_to_string(&layout.log_file).unwrap();
+        assert!(log.contains("no socket for you"));
+    }
+
+    #[tokio::test]
+    async fn a_missing_socket_times_out_and_a_missing_binary_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = layout(tmp.path());
+        let plan = vec![sh(
+            "slow",
+            "exec sleep 60",
+            Some(layout.dir.join("never.sock")),
+            false,
+        )];
+        let err = PodVm::launch(plan, &layout, Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, LaunchError::NotReady { name: "slow", .. }));
+
+        let plan = vec![ProcessSpec {
+            name: "vmm",
+            program: "/nonexistent/microvm-vmm".into(),
+            args: vec![],
+            ready_socket: None,
+            is_vmm: true,
+        }];
+        let err = PodVm::launch(plan, &layout, Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/microvm-vmm"));
+    }
+
+    #[tokio::test]
+    async fn exit_watch_reports_the_vmm_dying() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = layout(tmp.path());
+        let plan = vec![
+            sh("helper", "exec sleep 60", None, false),
+            sh("vmm", "sleep 0.2; exit 7", None, true),
+        ];
+        let mut vm = PodVm::launch(plan, &layout, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let exit = tokio::time::timeout(Duration::from_secs(5), vm.exit_watch().first_exit())
+            .await
+            .unwrap();
+        assert_eq!(exit.name, "vmm");
+        assert!(exit.is_vmm);
+        assert!(exit.status.contains('7'), "{}", exit.status);
+        vm.shutdown().await;
+    }
+
+    #[test]
+    fn kill_recorded_kills_only_the_same_process() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pid_dir = tmp.path().join("pids");
+        std::fs::create_dir_all(&pid_dir).unwrap();
+        let mut live = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+        let pid = live.id();
+        let start = process_start_time(pid).unwrap();
+        std::fs::write(pid_dir.join("vmm"), format!("{pid} {start}\n")).unwrap();
+        // A recycled pid: same number, another start time. Not killed.
+        let mut other = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+        std::fs::write(
+            pid_dir.join("stale"),
+            format!("{} {}\n", other.id(), start.wrapping_add(12345)),
+        )
+        .unwrap();
+        std::fs::write(pid_dir.join("garbage"), "not a pid").unwrap();
+
+        // Reap concurrently, as a parent would.
+        let reaper = std::thread::spawn(move || live.wait().unwrap());
+        let killed = kill_recorded(&pid_dir);
+        assert_eq!(killed, ["vmm"]);
+        assert!(!reaper.join().unwrap().success());
+        assert!(alive(other.id()));
+        assert!(!pid_dir.exists());
+        other.kill().unwrap();
+        other.wait().unwrap();
+    }
+
+    #[test]
+    fn start_time_parses_names_with_spaces() {
+        let me = std::process::id();
+        assert!(process_start_time(me).is_some());
+        assert_eq!(process_start_time(u32::MAX), None);
+    }
+}
