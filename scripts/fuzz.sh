@@ -38,8 +38,9 @@ for target in "${targets[@]}"; do
     log="artifacts/$target/last-run.log"
     echo "== $target: ${seconds}s" >&2
     status=0
-    # The regressions folder is a read-only seed: new inputs go to $corpus.
-    cargo fuzz run "${flags[@]}" "$target" "$corpus" "regressions/$target" -- \
+    # Seeds and regressions are read-only inputs: new ones go to $corpus.
+    mkdir -p "seeds/$target"
+    cargo fuzz run "${flags[@]}" "$target" "$corpus" "seeds/$target" "regressions/$target" -- \
         -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=4096 \
         -print_final_stats=1 >"$log" 2>&1 || status=$?
     runs="$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)"

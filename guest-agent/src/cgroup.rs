@@ -7,6 +7,7 @@ use oci_spec::runtime::LinuxResources;
 use std::collections::HashMap;
 use std::io;
 use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +50,10 @@ impl CgroupError {
     }
 }
 
-fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CgroupError + 'a {
+fn io_error<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> CgroupError + 'a {
     move |source| CgroupError::Io {
         action,
         path: path.to_path_buf(),
@@ -64,6 +68,9 @@ const CONTROLLERS: [&str; 5] = ["cpu", "cpuset", "io", "memory", "pids"];
 #[derive(Debug, Clone)]
 pub struct CgroupRoot {
     root: PathBuf,
+    /// Serialises directory creation and removal, so one container's
+    /// cleanup cannot remove a parent another is being created in.
+    tree: Arc<Mutex<()>>,
 }
 
 impl CgroupRoot {
@@ -73,6 +80,7 @@ impl CgroupRoot {
         }
         Ok(Self {
             root: root.to_path_buf(),
+            tree: Arc::new(Mutex::new(())),
         })
     }
 
@@ -131,24 +139,25 @@ impl CgroupRoot {
         let relative = dir
             .strip_prefix(&self.root)
             .map_err(|_| CgroupError::BadPath(dir.display().to_string()))?;
-        let mut created = Vec::new();
         let mut current = self.root.clone();
+        let tree = self.tree.lock().unwrap_or_else(PoisonError::into_inner);
         let result = (|| {
             for component in relative.components() {
                 self.enable_controllers(&current)?;
                 current.push(component);
                 match std::fs::create_dir(&current) {
-                    Ok(()) => created.push(current.clone()),
+                    Ok(()) => {}
                     Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
                     Err(err) => return Err(io_error("create", &current)(err)),
                 }
             }
             Ok(())
         })();
+        drop(tree);
         let cgroup = ContainerCgroup {
             dir: dir.to_path_buf(),
             root: self.root.clone(),
-            created,
+            tree: Arc::clone(&self.tree),
         };
         if let Err(err) = result {
             let _ = cgroup.remove_dirs();
@@ -165,7 +174,8 @@ impl CgroupRoot {
 
     fn enable_controllers(&self, dir: &Path) -> Result<(), CgroupError> {
         let available = self.available(dir);
-        let enabled = std::fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
+        let enabled =
+            std::fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
         let wanted: Vec<String> = CONTROLLERS
             .iter()
             .filter(|name| available.iter().any(|a| a == *name))
@@ -185,8 +195,7 @@ impl CgroupRoot {
 pub struct ContainerCgroup {
     dir: PathBuf,
     root: PathBuf,
-    /// Directories this container's creation made, outermost first.
-    created: Vec<PathBuf>,
+    tree: Arc<Mutex<()>>,
 }
 
 /// runc's conversion of cgroup v1 cpu.shares (2-262144) to cpu.weight.
@@ -245,10 +254,17 @@ impl ContainerCgroup {
                 // OCI swap is memory+swap; v2 swap.max is swap alone.
                 let value = match (swap, memory.limit()) {
                     (swap, _) if swap < 0 => "max".to_owned(),
-                    (swap, Some(limit)) if limit >= 0 => swap.saturating_sub(limit).max(0).to_string(),
+                    (swap, Some(limit)) if limit >= 0 => {
+                        swap.saturating_sub(limit).max(0).to_string()
+                    }
                     (swap, _) => swap.to_string(),
                 };
-                self.write("memory.swap.max", &value, "memory")?;
+                // A kernel without swap has no memory.swap.max; asking for
+                // no swap (or unlimited) is then already true.
+                let no_swap_file = !self.dir.join("memory.swap.max").exists();
+                if !(no_swap_file && (value == "0" || value == "max")) {
+                    self.write("memory.swap.max", &value, "memory")?;
+                }
             }
         }
         if let Some(cpu) = resources.cpu() {
@@ -275,7 +291,11 @@ impl ContainerCgroup {
         }
         if let Some(pids) = resources.pids() {
             let limit = pids.limit();
-            let value = if limit <= 0 { "max".to_owned() } else { limit.to_string() };
+            let value = if limit <= 0 {
+                "max".to_owned()
+            } else {
+                limit.to_string()
+            };
             self.write("pids.max", &value, "pids")?;
         }
         if let Some(block_io) = resources.block_io() {
@@ -355,7 +375,10 @@ impl ContainerCgroup {
     pub fn pids(&self) -> Result<Vec<u32>, CgroupError> {
         let path = self.dir.join("cgroup.procs");
         let text = std::fs::read_to_string(&path).map_err(io_error("read", &path))?;
-        Ok(text.lines().filter_map(|line| line.trim().parse().ok()).collect())
+        Ok(text
+            .lines()
+            .filter_map(|line| line.trim().parse().ok())
+            .collect())
     }
 
     /// memory.events "oom_kill", if the memory controller is on.
@@ -444,24 +467,31 @@ impl ContainerCgroup {
         self.remove_dirs()
     }
 
+    /// Removes the container's directory, then every parent below the
+    /// root that is left empty (the agent owns the whole tree in the VM).
     fn remove_dirs(&self) -> Result<(), CgroupError> {
-        let mut first_error = None;
-        for dir in self.created.iter().rev() {
-            match std::fs::remove_dir(dir) {
-                Ok(()) => {}
-                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-                // A parent shared with another container is still in use.
-                Err(err) if err.raw_os_error() == Some(libc::EBUSY) && dir != &self.dir => {}
-                Err(source) => {
-                    first_error.get_or_insert(CgroupError::Io {
-                        action: "remove",
-                        path: dir.clone(),
-                        source,
-                    });
-                }
+        let _tree = self.tree.lock().unwrap_or_else(PoisonError::into_inner);
+        match std::fs::remove_dir(&self.dir) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(CgroupError::Io {
+                    action: "remove",
+                    path: self.dir.clone(),
+                    source,
+                })
             }
         }
-        first_error.map_or(Ok(()), Err)
+        let mut parent = self.dir.parent();
+        while let Some(dir) = parent {
+            // EBUSY: another container's cgroup is still in there.
+            if dir == self.root || !dir.starts_with(&self.root) || std::fs::remove_dir(dir).is_err()
+            {
+                break;
+            }
+            parent = dir.parent();
+        }
+        Ok(())
     }
 }
 
@@ -485,7 +515,9 @@ fn parse_io_stat(text: &str) -> Vec<IoStats> {
                 ..IoStats::default()
             };
             for word in words {
-                let Some((key, value)) = word.split_once('=') else { continue };
+                let Some((key, value)) = word.split_once('=') else {
+                    continue;
+                };
                 let value: u64 = value.parse().unwrap_or(0);
                 match key {
                     "rbytes" => stats.read_bytes = value,
@@ -585,26 +617,31 @@ mod tests {
             .is_err());
     }
 
-    #[test]
-    fn create_enables_controllers_and_writes_limits() {
+    #[tokio::test]
+    async fn create_enables_controllers_and_removal_cleans_shared_parents() {
         let root = fake_root();
         let cgroups = CgroupRoot::open(root.path()).unwrap();
-        let dir = cgroups.container_dir(None, "c1").unwrap();
-        // A real cgroupfs creates the interface files; pre-create them.
-        std::fs::create_dir_all(&dir).unwrap();
-        for file in ["memory.max", "pids.max", "cpu.max", "cpu.weight"] {
-            std::fs::write(dir.join(file), "").unwrap();
-        }
-        std::fs::remove_dir_all(root.path().join("microvm")).unwrap();
-        assert!(cgroups.create(&dir, None).is_ok());
+        let first_dir = cgroups.container_dir(None, "c1").unwrap();
+        let second_dir = cgroups.container_dir(None, "c2").unwrap();
+        let first = cgroups.create(&first_dir, None).unwrap();
+        let second = cgroups.create(&second_dir, None).unwrap();
         assert_eq!(
             std::fs::read_to_string(root.path().join("cgroup.subtree_control")).unwrap(),
             "+cpu +cpuset +io +memory +pids"
         );
         assert!(matches!(
-            cgroups.create(&dir, None),
+            cgroups.create(&first_dir, None),
             Err(CgroupError::Exists(_))
         ));
+        // (No cgroup.events in a fake tree: never populated.)
+        first.destroy(Duration::from_secs(1)).await.unwrap();
+        assert!(root.path().join("microvm").is_dir(), "still holds c2");
+        second.destroy(Duration::from_secs(1)).await.unwrap();
+        assert!(
+            !root.path().join("microvm").exists(),
+            "the shared parent went with the last"
+        );
+        assert!(root.path().is_dir());
     }
 
     #[test]
@@ -612,13 +649,19 @@ mod tests {
         let root = fake_root();
         let dir = root.path().join("c");
         std::fs::create_dir(&dir).unwrap();
-        for file in ["memory.max", "memory.swap.max", "pids.max", "cpu.max", "cpu.weight"] {
+        for file in [
+            "memory.max",
+            "memory.swap.max",
+            "pids.max",
+            "cpu.max",
+            "cpu.weight",
+        ] {
             std::fs::write(dir.join(file), "").unwrap();
         }
         let cgroup = ContainerCgroup {
             dir: dir.clone(),
             root: root.path().to_path_buf(),
-            created: vec![dir.clone()],
+            tree: Arc::default(),
         };
         let resources: LinuxResources = serde_json::from_value(serde_json::json!({
             "memory": {"limit": 33554432, "swap": 33554432},
@@ -637,7 +680,13 @@ mod tests {
         let io: LinuxResources =
             serde_json::from_value(serde_json::json!({"blockIO": {"weight": 500}})).unwrap();
         let err = cgroup.apply(&io).unwrap_err();
-        assert!(matches!(err, CgroupError::ControllerMissing { controller: "io", .. }));
+        assert!(matches!(
+            err,
+            CgroupError::ControllerMissing {
+                controller: "io",
+                ..
+            }
+        ));
         assert_eq!(err.grpc_code(), tonic::Code::FailedPrecondition);
     }
 

@@ -86,7 +86,10 @@ impl OomWatcher {
             // the AsyncFd owns the Inotify and deregisters before dropping it.
             inotify: Arc::new(
                 unsafe {
-                    AsyncFd::register_with_interest(InotifyFd(inotify), tokio::io::Interest::READABLE)
+                    AsyncFd::register_with_interest(
+                        InotifyFd(inotify),
+                        tokio::io::Interest::READABLE,
+                    )
                 }
                 .map_err(|err| err.into_parts().1)?,
             ),
@@ -105,7 +108,11 @@ impl OomWatcher {
                 return;
             };
             let events = match ready.try_io(|inotify| {
-                inotify.get_ref().0.read_events().map_err(std::io::Error::from)
+                inotify
+                    .get_ref()
+                    .0
+                    .read_events()
+                    .map_err(std::io::Error::from)
             }) {
                 Ok(Ok(events)) => events,
                 Ok(Err(err)) => {
@@ -193,7 +200,9 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn read_oom_kill(path: &Path) -> Option<u64> {
     let text = std::fs::read_to_string(path).ok()?;
-    crate::cgroup::parse_flat_keyed(&text).get("oom_kill").copied()
+    crate::cgroup::parse_flat_keyed(&text)
+        .get("oom_kill")
+        .copied()
 }
 
 #[cfg(test)]

@@ -226,7 +226,15 @@ mod tests {
         let targets: Vec<_> = EARLY_MOUNTS.iter().map(|m| m.target).collect();
         assert_eq!(
             targets,
-            ["/proc", "/sys", "/dev", "/dev/pts", "/dev/shm", "/run", "/sys/fs/cgroup"]
+            [
+                "/proc",
+                "/sys",
+                "/dev",
+                "/dev/pts",
+                "/dev/shm",
+                "/run",
+                "/sys/fs/cgroup"
+            ]
         );
         // Each target's parent is mounted before it.
         for (index, mount) in EARLY_MOUNTS.iter().enumerate() {

@@ -125,7 +125,8 @@ async fn run(args: Args, pid1: bool) -> anyhow::Result<()> {
     let reaper = Reaper::new();
     reaper.start().context("watching SIGCHLD")?;
     let events = EventBus::default();
-    let runtime = Runtime::new(&args.cgroup_root, events, reaper).context("starting the runtime")?;
+    let runtime =
+        Runtime::new(&args.cgroup_root, events, reaper).context("starting the runtime")?;
     let state = Arc::new(AgentState {
         runtime: Arc::new(runtime),
         sandbox: Sandbox::new(&args.run_dir),

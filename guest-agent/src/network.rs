@@ -182,16 +182,19 @@ impl Network {
             .map(|cidr| parse_cidr("addresses", cidr))
             .collect::<Result<Vec<_>, _>>()?;
         if request.name.len() > 15 || request.name.contains(['/', ' ']) {
-            return Err(invalid("name", format!("{:?} is not an interface name", request.name)));
+            return Err(invalid(
+                "name",
+                format!("{:?} is not an interface name", request.name),
+            ));
         }
         let link = self
             .links()
             .await?
             .into_iter()
             .find(|link| {
-                link.attributes
-                    .iter()
-                    .any(|attribute| matches!(attribute, LinkAttribute::Address(found) if *found == mac))
+                link.attributes.iter().any(
+                    |attribute| matches!(attribute, LinkAttribute::Address(found) if *found == mac),
+                )
             })
             .ok_or_else(|| NetworkError::NoSuchMac(request.mac.clone()))?;
         let index = link.header.index;
@@ -207,10 +210,17 @@ impl Network {
                 .map_err(netlink_error(format!("bringing {name} down to rename it")))?;
             handle
                 .link()
-                .set(LinkUnspec::new_with_index(index).name(request.name.clone()).build())
+                .set(
+                    LinkUnspec::new_with_index(index)
+                        .name(request.name.clone())
+                        .build(),
+                )
                 .execute()
                 .await
-                .map_err(netlink_error(format!("renaming {name} to {}", request.name)))?;
+                .map_err(netlink_error(format!(
+                    "renaming {name} to {}",
+                    request.name
+                )))?;
             name = request.name.clone();
         }
         if request.mtu != 0 {
@@ -219,7 +229,10 @@ impl Network {
                 .set(LinkUnspec::new_with_index(index).mtu(request.mtu).build())
                 .execute()
                 .await
-                .map_err(netlink_error(format!("setting the MTU of {name} to {}", request.mtu)))?;
+                .map_err(netlink_error(format!(
+                    "setting the MTU of {name} to {}",
+                    request.mtu
+                )))?;
         }
         for (address, prefix) in addresses {
             handle
@@ -228,7 +241,9 @@ impl Network {
                 .replace()
                 .execute()
                 .await
-                .map_err(netlink_error(format!("adding {address}/{prefix} to {name}")))?;
+                .map_err(netlink_error(format!(
+                    "adding {address}/{prefix} to {name}"
+                )))?;
         }
         if request.up {
             handle
@@ -249,22 +264,19 @@ impl Network {
         let gateway: Option<IpAddr> = if route.gateway.is_empty() {
             None
         } else {
-            Some(
-                route
-                    .gateway
-                    .parse()
-                    .map_err(|_| invalid("gateway", format!("{:?} is not an IP address", route.gateway)))?,
-            )
+            Some(route.gateway.parse().map_err(|_| {
+                invalid(
+                    "gateway",
+                    format!("{:?} is not an IP address", route.gateway),
+                )
+            })?)
         };
         let source: Option<IpAddr> = if route.source.is_empty() {
             None
         } else {
-            Some(
-                route
-                    .source
-                    .parse()
-                    .map_err(|_| invalid("source", format!("{:?} is not an IP address", route.source)))?,
-            )
+            Some(route.source.parse().map_err(|_| {
+                invalid("source", format!("{:?} is not an IP address", route.source))
+            })?)
         };
         let index = if route.device.is_empty() {
             if gateway.is_none() {
@@ -274,14 +286,22 @@ impl Network {
         } else {
             Some(self.index_by_name(&route.device).await?)
         };
-        let mismatch = || invalid("route", format!("{} mixes IPv4 and IPv6", route.destination));
+        let mismatch = || {
+            invalid(
+                "route",
+                format!("{} mixes IPv4 and IPv6", route.destination),
+            )
+        };
         let message = match destination {
             IpAddr::V4(destination) => {
-                let mut builder = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(destination, prefix);
+                let mut builder =
+                    RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(destination, prefix);
                 match gateway {
                     Some(IpAddr::V4(gateway)) => builder = builder.gateway(gateway),
                     Some(IpAddr::V6(_)) => return Err(mismatch()),
-                    None => builder = builder.scope(rtnetlink::packet_route::route::RouteScope::Link),
+                    None => {
+                        builder = builder.scope(rtnetlink::packet_route::route::RouteScope::Link)
+                    }
                 }
                 match source {
                     Some(IpAddr::V4(source)) => builder = builder.pref_source(source),
@@ -297,7 +317,8 @@ impl Network {
                 builder.build()
             }
             IpAddr::V6(destination) => {
-                let mut builder = RouteMessageBuilder::<Ipv6Addr>::new().destination_prefix(destination, prefix);
+                let mut builder =
+                    RouteMessageBuilder::<Ipv6Addr>::new().destination_prefix(destination, prefix);
                 match gateway {
                     Some(IpAddr::V6(gateway)) => builder = builder.gateway(gateway),
                     Some(IpAddr::V4(_)) => return Err(mismatch()),
@@ -327,7 +348,11 @@ impl Network {
             .map_err(netlink_error(format!(
                 "adding the route to {} via {}",
                 route.destination,
-                if route.gateway.is_empty() { &route.device } else { &route.gateway }
+                if route.gateway.is_empty() {
+                    &route.device
+                } else {
+                    &route.gateway
+                }
             )))
     }
 
@@ -414,7 +439,13 @@ mod tests {
             parse_mac("02:00:0a:FF:00:01").unwrap(),
             vec![2, 0, 10, 255, 0, 1]
         );
-        for bad in ["", "02:00", "02:00:00:00:00:0g", "2:0:0:0:0:1", "02:00:00:00:00:01:02"] {
+        for bad in [
+            "",
+            "02:00",
+            "02:00:00:00:00:0g",
+            "2:0:0:0:0:1",
+            "02:00:00:00:00:01:02",
+        ] {
             assert!(parse_mac(bad).is_err(), "{bad:?}");
         }
         assert_eq!(

@@ -188,7 +188,8 @@ impl Sandbox {
         })?;
         write(&files.resolv_conf, &resolv)?;
         write(&files.hostname, &format!("{}\n", request.hostname))?;
-        let mut hosts = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+        let mut hosts =
+            String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
         if !request.hostname.is_empty() {
             hosts.push_str(&format!("127.0.1.1\t{}\n", request.hostname));
         }
@@ -228,7 +229,10 @@ mod tests {
     fn resolv_conf_lists_servers_searches_and_options() {
         let text = resolv_conf(&Dns {
             servers: vec!["10.96.0.10".into(), "fd00::a".into()],
-            searches: vec!["default.svc.cluster.local".into(), "svc.cluster.local".into()],
+            searches: vec![
+                "default.svc.cluster.local".into(),
+                "svc.cluster.local".into(),
+            ],
             options: vec!["ndots:5".into()],
         })
         .unwrap();

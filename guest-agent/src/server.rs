@@ -61,9 +61,12 @@ fn unix_nanos(at: SystemTime) -> i64 {
 }
 
 fn process_ref(process: Option<api::ProcessRef>) -> Result<api::ProcessRef, Status> {
-    let process = process.ok_or_else(|| Status::invalid_argument("the request names no process"))?;
+    let process =
+        process.ok_or_else(|| Status::invalid_argument("the request names no process"))?;
     if process.container_id.is_empty() {
-        return Err(Status::invalid_argument("the request has an empty container_id"));
+        return Err(Status::invalid_argument(
+            "the request has an empty container_id",
+        ));
     }
     Ok(process)
 }
@@ -361,7 +364,12 @@ impl api::processes_server::Processes for Services {
         let process = process_ref(request.process)?;
         self.0
             .runtime
-            .signal(&process.container_id, &process.exec_id, request.signal, request.all)
+            .signal(
+                &process.container_id,
+                &process.exec_id,
+                request.signal,
+                request.all,
+            )
             .map_err(|err| grpc_error!(err))?;
         Ok(Response::new(api::SignalProcessResponse {}))
     }
@@ -424,7 +432,9 @@ impl api::processes_server::Processes for Services {
     ) -> Result<Response<api::WriteStdinResponse>, Status> {
         let mut stream = request.into_inner();
         let Some(first) = stream.message().await? else {
-            return Err(Status::invalid_argument("empty stdin stream: the first message must name the process"));
+            return Err(Status::invalid_argument(
+                "empty stdin stream: the first message must name the process",
+            ));
         };
         let process = process_ref(first.process.clone())?;
         let found = self
@@ -551,14 +561,20 @@ impl api::storage_server::Storage for Services {
     ) -> Result<Response<api::MountStorageResponse>, Status> {
         let request = request.into_inner();
         let source = match request.source {
-            Some(api::mount_storage_request::Source::VirtioFsTag(tag)) => StorageSource::VirtioFs { tag },
+            Some(api::mount_storage_request::Source::VirtioFsTag(tag)) => {
+                StorageSource::VirtioFs { tag }
+            }
             Some(api::mount_storage_request::Source::BlockSerial(serial)) => {
                 StorageSource::BlockSerial(serial)
             }
             Some(api::mount_storage_request::Source::BlockMmioAddress(address)) => {
                 StorageSource::BlockMmioAddress(address)
             }
-            None => return Err(Status::invalid_argument("the request names no storage source")),
+            None => {
+                return Err(Status::invalid_argument(
+                    "the request names no storage source",
+                ))
+            }
         };
         let source = self
             .0
@@ -731,6 +747,8 @@ impl tokio::io::AsyncWrite for VsockConnection {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    #[error("no vsock device: the VM has no virtio-vsock device (local CID {0:?})")]
+    NoVsockDevice(Option<u32>),
     #[error("cannot listen on {0}")]
     Bind(String, #[source] std::io::Error),
     #[error("serving on {0} failed")]
@@ -780,6 +798,13 @@ pub async fn serve(
         }
         Listen::Vsock(port) => {
             let name = format!("vsock:{port}");
+            // Binding succeeds even without a device (the transport is
+            // built in), and then no connection could ever come.
+            match vsock::get_local_cid() {
+                Ok(cid) if cid != vsock::VMADDR_CID_ANY => {}
+                Ok(cid) => return Err(ServeError::NoVsockDevice(Some(cid))),
+                Err(_) => return Err(ServeError::NoVsockDevice(None)),
+            }
             let listener = tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(
                 tokio_vsock::VMADDR_CID_ANY,
                 port,
@@ -821,7 +846,9 @@ mod tests {
             source: std::io::Error::from_raw_os_error(libc::ENOENT),
         };
         let status = status(tonic::Code::Internal, &err);
-        assert!(status.message().starts_with("container c1: opening the cgroup: "));
+        assert!(status
+            .message()
+            .starts_with("container c1: opening the cgroup: "));
         assert!(status.message().contains("No such file"));
     }
 }

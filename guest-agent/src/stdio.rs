@@ -128,9 +128,8 @@ impl OutputReader {
                 let spare = buffer.spare_capacity_mut();
                 // SAFETY: read writes at most `spare.len()` bytes into the
                 // spare capacity of `buffer`, which is valid for writes.
-                let read = unsafe {
-                    libc::read(fd.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len())
-                };
+                let read =
+                    unsafe { libc::read(fd.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len()) };
                 if read < 0 {
                     Err(io::Error::last_os_error())
                 } else {

@@ -214,9 +214,7 @@ impl Storage {
             })
         })
         .await
-        .unwrap_or_else(|join| {
-            Err(StorageError::Invalid(format!("mount task failed: {join}")))
-        });
+        .unwrap_or_else(|join| Err(StorageError::Invalid(format!("mount task failed: {join}"))));
         if let Err(err) = result {
             self.mounts().remove(&request.target);
             return Err(err);
@@ -230,13 +228,15 @@ impl Storage {
             return Err(StorageError::NotMounted(target.to_path_buf()));
         }
         let path = target.to_path_buf();
-        tokio::task::spawn_blocking(move || nix::mount::umount2(&path, nix::mount::MntFlags::empty()))
-            .await
-            .unwrap_or(Err(nix::errno::Errno::EINTR))
-            .map_err(|errno| StorageError::Unmount {
-                target: target.to_path_buf(),
-                source: errno.into(),
-            })?;
+        tokio::task::spawn_blocking(move || {
+            nix::mount::umount2(&path, nix::mount::MntFlags::empty())
+        })
+        .await
+        .unwrap_or(Err(nix::errno::Errno::EINTR))
+        .map_err(|errno| StorageError::Unmount {
+            target: target.to_path_buf(),
+            source: errno.into(),
+        })?;
         self.mounts().remove(target);
         Ok(())
     }
@@ -265,7 +265,9 @@ mod tests {
             ("feb00e00", "vda", Some("rootfs\n")),
             ("feb01000", "vdb", None),
         ] {
-            let device = sys.join(format!("devices/platform/{addr}.virtio_mmio/virtio0/block/{name}"));
+            let device = sys.join(format!(
+                "devices/platform/{addr}.virtio_mmio/virtio0/block/{name}"
+            ));
             std::fs::create_dir_all(&device).unwrap();
             if let Some(serial) = serial {
                 std::fs::write(device.join("serial"), serial).unwrap();

@@ -7,9 +7,9 @@
 use hyper_util::rt::TokioIo;
 use microvm_proto::agent::v1 as api;
 use microvm_proto::agent::v1::{
-    containers_client::ContainersClient, events_client::EventsClient,
-    health_client::HealthClient, processes_client::ProcessesClient,
-    sandbox_client::SandboxClient, storage_client::StorageClient,
+    containers_client::ContainersClient, events_client::EventsClient, health_client::HealthClient,
+    processes_client::ProcessesClient, sandbox_client::SandboxClient,
+    storage_client::StorageClient,
 };
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -194,7 +194,8 @@ pub(crate) mod tests {
 
     pub(crate) fn serve_fake(socket: &Path, major: u32) -> tokio::task::JoinHandle<()> {
         let listener = UnixListener::bind(socket).unwrap();
-        let (conn_tx, conn_rx) = tokio::sync::mpsc::unbounded_channel::<std::io::Result<UnixStream>>();
+        let (conn_tx, conn_rx) =
+            tokio::sync::mpsc::unbounded_channel::<std::io::Result<UnixStream>>();
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
                 let conn_tx = conn_tx.clone();
@@ -276,6 +277,9 @@ pub(crate) mod tests {
             }
         });
         let err = connect_hybrid_vsock(&socket, 1024).await.unwrap_err();
-        assert!(matches!(err, AgentError::Refused { port: 1024, .. }), "{err}");
+        assert!(
+            matches!(err, AgentError::Refused { port: 1024, .. }),
+            "{err}"
+        );
     }
 }

@@ -237,9 +237,7 @@ impl Config {
         };
         match std::fs::read_to_string(&path) {
             Ok(text) => Self::parse(&text, &path),
-            Err(err) if !named && err.kind() == std::io::ErrorKind::NotFound => {
-                Ok(Self::default())
-            }
+            Err(err) if !named && err.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
             Err(source) => Err(ConfigError::Read { path, source }),
         }
     }
@@ -260,7 +258,10 @@ impl Config {
         if self.vm.memory_mib < MIN_MEMORY_MIB {
             return Err(invalid(
                 "vm.memory_mib",
-                format!("{} is below the minimum of {MIN_MEMORY_MIB}", self.vm.memory_mib),
+                format!(
+                    "{} is below the minimum of {MIN_MEMORY_MIB}",
+                    self.vm.memory_mib
+                ),
             ));
         }
         for (key, seconds) in [

@@ -6,10 +6,20 @@
 //! - [`events`]: task events, queued in containerd's order;
 //! - [`vm`]: the backend trait, the `builtin` and `qemu` backends, and the
 //!   supervisor of the pod's host processes;
-//! - [`agent`]: the gRPC client of the guest agent over hybrid vsock.
+//! - [`agent`]: the gRPC client of the guest agent over hybrid vsock;
+//! - [`pod`]: boots the pod (VM, agent, sandbox, shared dir);
+//! - [`process`], [`stdio`], [`rootfs`]: per-process state and stdio,
+//!   container filesystems;
+//! - [`service`]: the task API; [`shim`]: start, serve, delete.
 
 pub mod agent;
 pub mod config;
 pub mod events;
+pub mod pod;
+pub mod process;
+pub mod rootfs;
+pub mod service;
+pub mod shim;
 pub mod state;
+pub mod stdio;
 pub mod vm;

@@ -72,7 +72,10 @@ impl Op {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TransitionError {
     #[error("cannot {op} a process that is {state}")]
-    Invalid { op: &'static str, state: &'static str },
+    Invalid {
+        op: &'static str,
+        state: &'static str,
+    },
     #[error("process already finished")]
     AlreadyExited,
 }

@@ -1,2 +1,6 @@
+pub mod agent;
+pub mod containerd;
 pub mod harness;
+pub mod oci_image;
 pub mod probe;
+pub mod rootfs;

@@ -40,15 +40,29 @@ pub fn build_busybox_rootfs(dir: &Path) -> io::Result<()> {
     if !Path::new(BUSYBOX).is_file() {
         return Err(io::Error::new(
             io::ErrorKind::NotFound,
-            format!("{BUSYBOX} is missing: apt-get install busybox-static (scripts/install-deps.sh)"),
+            format!(
+                "{BUSYBOX} is missing: apt-get install busybox-static (scripts/install-deps.sh)"
+            ),
         ));
     }
     for sub in [
-        "bin", "dev", "etc", "home/user", "proc", "root", "run", "sys", "tmp", "var",
+        "bin",
+        "dev",
+        "etc",
+        "home/user",
+        "proc",
+        "root",
+        "run",
+        "sys",
+        "tmp",
+        "var",
     ] {
         std::fs::create_dir_all(dir.join(sub))?;
     }
-    std::fs::set_permissions(dir.join("tmp"), std::os::unix::fs::PermissionsExt::from_mode(0o1777))?;
+    std::fs::set_permissions(
+        dir.join("tmp"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+    )?;
     std::os::unix::fs::chown(dir.join("home/user"), Some(USER_UID), Some(USER_GID))?;
     let target = dir.join("bin/busybox");
     // A hard link when /tmp and /bin share a filesystem, else a copy.

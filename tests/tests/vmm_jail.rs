@@ -265,7 +265,7 @@ fn jailed_vmm_runs_the_probe_isolated_and_leaves_nothing_behind() {
 }
 
 #[test]
-fn jail_refuses_an_existing_directory_and_a_missing_config() {
+fn jail_refuses_bad_input_and_leaves_nothing_behind() {
     let dir = TempDir::new("jail-bad");
     let existing = dir.join("already");
     std::fs::create_dir(&existing).unwrap();
@@ -292,4 +292,21 @@ fn jail_refuses_an_existing_directory_and_a_missing_config() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("needs the VM config"), "{stderr}");
     assert!(!dir.join("new").exists());
+
+    // A limit the kernel refuses: nothing half made is left behind.
+    let name = format!("mvt-jail-bad-{}", std::process::id());
+    let out = Command::new(binary("microvm-vmm"))
+        .args(["--jail", dir.join(&name).to_str().unwrap()])
+        .args(["--cgroup", "pids.max=lots"])
+        .args(["--kernel", probe_guest_elf().unwrap().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("pids.max"), "{stderr}");
+    assert!(!dir.join(&name).exists());
+    for hierarchy in ["pids/", "memory/", ""] {
+        let cgroup = format!("/sys/fs/cgroup/{hierarchy}microvm/{name}");
+        assert!(!Path::new(&cgroup).exists(), "{cgroup} left behind");
+    }
 }

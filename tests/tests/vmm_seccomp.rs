@@ -265,7 +265,10 @@ fn wait_for_text(path: &Path, text: &str, timeout: Duration) -> bool {
 fn thread_seccomp(pid: u32) -> Vec<(String, u32, u32)> {
     let mut out = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        // A connection thread may have exited since the listing.
+        let Ok(status) = std::fs::read_to_string(task.unwrap().path().join("status")) else {
+            continue;
+        };
         let field = |key: &str| {
             status
                 .lines()

@@ -414,6 +414,22 @@ impl Cgroups {
         let root = Path::new(CGROUP_ROOT);
         let v2 = root.join("cgroup.controllers").exists();
         let mut cgroups = Self { dirs: Vec::new() };
+        if let Err(e) = cgroups.apply(root, v2, parent, name, settings) {
+            // Leave nothing half made behind.
+            cgroups.remove();
+            return Err(e);
+        }
+        Ok(cgroups)
+    }
+
+    fn apply(
+        &mut self,
+        root: &Path,
+        v2: bool,
+        parent: &str,
+        name: &str,
+        settings: &[(String, String)],
+    ) -> Result<(), JailError> {
         for (file, value) in settings {
             let controller = file.split('.').next().unwrap_or_default();
             let dir = if v2 {
@@ -421,12 +437,12 @@ impl Cgroups {
             } else {
                 root.join(controller).join(parent).join(name)
             };
-            if !cgroups.dirs.contains(&dir) {
+            if !self.dirs.contains(&dir) {
                 if v2 {
                     enable_v2_controller(root, parent, controller)?;
                 }
                 std::fs::create_dir_all(&dir).map_err(io_err("cannot create cgroup", &dir))?;
-                cgroups.dirs.push(dir.clone());
+                self.dirs.push(dir.clone());
             }
             let v2_file = match file.as_str() {
                 // The v1 names the defaults use, mapped for a v2 host.
@@ -436,7 +452,7 @@ impl Cgroups {
             let path = dir.join(v2_file);
             std::fs::write(&path, value).map_err(io_err("cannot write cgroup setting", &path))?;
         }
-        Ok(cgroups)
+        Ok(())
     }
 
     /// Moves the calling process into every cgroup ("0" is the caller in

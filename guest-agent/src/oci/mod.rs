@@ -67,7 +67,10 @@ pub struct NamespacePlan {
     pub own_cgroup: bool,
 }
 
-pub fn namespace_plan(spec: &Spec, pod_has_pid_namespace: bool) -> Result<NamespacePlan, SpecError> {
+pub fn namespace_plan(
+    spec: &Spec,
+    pod_has_pid_namespace: bool,
+) -> Result<NamespacePlan, SpecError> {
     let mut plan = NamespacePlan::default();
     let namespaces = spec
         .linux()
@@ -339,20 +342,19 @@ pub fn container_setup(
             field: "linux.sysctl".into(),
             reason: format!("{key:?} is not a sysctl name"),
         })?;
-        sysctls.push((c_string("linux.sysctl", &path)?, c_string("linux.sysctl", &value)?));
+        sysctls.push((
+            c_string("linux.sysctl", &path)?,
+            c_string("linux.sysctl", &value)?,
+        ));
         labels.sysctls.push(format!("sysctl {key}={value}"));
     }
 
     let hostname = match spec.hostname() {
-        Some(name) if namespaces.own_uts && !name.is_empty() => {
-            Some(c_string("hostname", name)?)
-        }
+        Some(name) if namespaces.own_uts && !name.is_empty() => Some(c_string("hostname", name)?),
         _ => None,
     };
     let domainname = match spec.domainname() {
-        Some(name) if namespaces.own_uts && !name.is_empty() => {
-            Some(c_string("domainname", name)?)
-        }
+        Some(name) if namespaces.own_uts && !name.is_empty() => Some(c_string("domainname", name)?),
         _ => None,
     };
     let seccomp = linux.seccomp().as_ref().map(seccomp::compile).transpose()?;
@@ -391,7 +393,9 @@ pub fn sysctl_path(key: &str) -> Option<String> {
         && key
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'))
-        && !key.split(['.', '/']).any(|part| part.is_empty() || part == "..");
+        && !key
+            .split(['.', '/'])
+            .any(|part| part.is_empty() || part == "..");
     valid.then(|| format!("/proc/sys/{}", key.replace('.', "/")))
 }
 
@@ -429,17 +433,23 @@ mod tests {
     #[test]
     fn unsupported_namespace_setups_are_refused() {
         let no_mount = namespace_plan(
-            &spec(serde_json::json!({"ociVersion": "1.0.2", "linux": {"namespaces": [{"type": "pid"}]}})),
+            &spec(
+                serde_json::json!({"ociVersion": "1.0.2", "linux": {"namespaces": [{"type": "pid"}]}}),
+            ),
             false,
         );
         assert!(matches!(no_mount, Err(SpecError::InvalidValue { .. })));
         let user = namespace_plan(
-            &spec(serde_json::json!({"ociVersion": "1.0.2", "linux": {"namespaces": [{"type": "mount"}, {"type": "user"}]}})),
+            &spec(
+                serde_json::json!({"ociVersion": "1.0.2", "linux": {"namespaces": [{"type": "mount"}, {"type": "user"}]}}),
+            ),
             false,
         );
         assert!(matches!(user, Err(SpecError::Unsupported(_))));
-        let pod_pid = spec(serde_json::json!({"ociVersion": "1.0.2", "linux": {"namespaces": [
-            {"type": "mount"}, {"type": "pid", "path": "/proc/9/ns/pid"}]}}));
+        let pod_pid = spec(
+            serde_json::json!({"ociVersion": "1.0.2", "linux": {"namespaces": [
+            {"type": "mount"}, {"type": "pid", "path": "/proc/9/ns/pid"}]}}),
+        );
         assert!(matches!(
             namespace_plan(&pod_pid, false),
             Err(SpecError::NoPodPidNamespace)

@@ -172,11 +172,10 @@ pub fn dirs_to_create(root: &Path, path: &Path) -> Vec<PathBuf> {
 }
 
 pub fn path_c_string(field: &str, path: &Path) -> Result<CString, SpecError> {
-    CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| SpecError::InvalidValue {
-            field: field.to_owned(),
-            reason: format!("{} contains a NUL byte", path.display()),
-        })
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| SpecError::InvalidValue {
+        field: field.to_owned(),
+        reason: format!("{} contains a NUL byte", path.display()),
+    })
 }
 
 /// Where the container's cgroup shows up for a `cgroup` mount.
@@ -206,7 +205,10 @@ pub fn mount_step(
     }
     let target = secure_join(root, destination).map_err(|err| SpecError::InvalidValue {
         field: format!("{field}.destination"),
-        reason: format!("cannot resolve {} in the rootfs: {err}", destination.display()),
+        reason: format!(
+            "cannot resolve {} in the rootfs: {err}",
+            destination.display()
+        ),
     })?;
     let options = parse_options(mount.options().as_deref().unwrap_or_default());
     let mut fstype = mount.typ().clone().unwrap_or_default();
@@ -285,7 +287,10 @@ pub fn mount_step(
     let data = if options.data.is_empty() {
         None
     } else {
-        Some(c_string(&format!("{field}.options"), &options.data.join(","))?)
+        Some(c_string(
+            &format!("{field}.options"),
+            &options.data.join(","),
+        )?)
     };
     Ok(MountStep {
         mkdirs: mkdirs
@@ -401,7 +406,14 @@ mod tests {
     #[test]
     fn options_split_into_flags_propagation_and_data() {
         let options: Vec<String> = [
-            "nosuid", "noexec", "rw", "ro", "rbind", "rslave", "mode=755", "size=65536k",
+            "nosuid",
+            "noexec",
+            "rw",
+            "ro",
+            "rbind",
+            "rslave",
+            "mode=755",
+            "size=65536k",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -476,7 +488,10 @@ mod tests {
         );
         assert!(step.fstype.is_none());
         assert!(step.create_file.is_none());
-        assert_eq!(step.target.to_str().unwrap(), root.join("data").to_str().unwrap());
+        assert_eq!(
+            step.target.to_str().unwrap(),
+            root.join("data").to_str().unwrap()
+        );
     }
 
     #[test]

@@ -316,18 +316,25 @@ mod tests {
         );
         assert!(matches!(empty_args, Err(SpecError::InvalidValue { .. })));
         let relative_cwd = prepare(
-            &process(serde_json::json!({"user": {"uid": 0, "gid": 0}, "args": ["x"], "cwd": "tmp"})),
+            &process(
+                serde_json::json!({"user": {"uid": 0, "gid": 0}, "args": ["x"], "cwd": "tmp"}),
+            ),
             None,
             40,
         );
         assert!(matches!(relative_cwd, Err(SpecError::InvalidValue { .. })));
         let soft_over_hard = prepare(
-            &process(serde_json::json!({"user": {"uid": 0, "gid": 0}, "args": ["x"], "cwd": "/",
-                "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1, "soft": 2}]})),
+            &process(
+                serde_json::json!({"user": {"uid": 0, "gid": 0}, "args": ["x"], "cwd": "/",
+                "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1, "soft": 2}]}),
+            ),
             None,
             40,
         );
-        assert!(matches!(soft_over_hard, Err(SpecError::InvalidValue { .. })));
+        assert!(matches!(
+            soft_over_hard,
+            Err(SpecError::InvalidValue { .. })
+        ));
     }
 
     #[test]

@@ -16,8 +16,7 @@
 use super::SpecError;
 use crate::spawn::plan::SeccompProgram;
 use oci_spec::runtime::{
-    LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArg, LinuxSeccompFilterFlag,
-    LinuxSeccompOperator,
+    LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArg, LinuxSeccompFilterFlag, LinuxSeccompOperator,
 };
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
@@ -153,7 +152,12 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<CompiledSeccomp, SpecError> {
     let mut named: RuleMap = BTreeMap::new();
     let mut per_action: Vec<(SeccompAction, RuleMap)> = Vec::new();
     let mut skipped = Vec::new();
-    for (rule_index, syscall) in profile.syscalls().as_deref().unwrap_or_default().iter().enumerate()
+    for (rule_index, syscall) in profile
+        .syscalls()
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
     {
         let field = format!("linux.seccomp.syscalls[{rule_index}]");
         let rule_action = action(syscall.action(), syscall.errno_ret(), &field)?;
@@ -167,10 +171,12 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<CompiledSeccomp, SpecError> {
         let rule = if conditions.is_empty() {
             None
         } else {
-            Some(SeccompRule::new(conditions).map_err(|err| SpecError::InvalidValue {
-                field: field.clone(),
-                reason: err.to_string(),
-            })?)
+            Some(
+                SeccompRule::new(conditions).map_err(|err| SpecError::InvalidValue {
+                    field: field.clone(),
+                    reason: err.to_string(),
+                })?,
+            )
         };
         for name in syscall.names() {
             let Ok(sysno) = syscalls::Sysno::from_str(name) else {
@@ -202,12 +208,12 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<CompiledSeccomp, SpecError> {
                 reason: err.to_string(),
             }
         })?;
-        let program: BpfProgram = filter.try_into().map_err(|err: seccompiler::BackendError| {
-            SpecError::InvalidValue {
+        let program: BpfProgram = filter
+            .try_into()
+            .map_err(|err: seccompiler::BackendError| SpecError::InvalidValue {
                 field: "linux.seccomp".into(),
                 reason: err.to_string(),
-            }
-        })?;
+            })?;
         Ok::<_, SpecError>(SeccompProgram {
             filter: program
                 .into_iter()

@@ -285,12 +285,14 @@ fn agent_stdio(
         let stdin = StdinPipe::new(dup(&master)?, true)?;
         let resize = dup(&master)?;
         let stdout = OutputPipe::new("stdout", master, true)?;
-        return Ok((Some(stdin), stdout, OutputPipe::finished("stderr"), Some(resize)));
+        return Ok((
+            Some(stdin),
+            stdout,
+            OutputPipe::finished("stderr"),
+            Some(resize),
+        ));
     }
-    let stdin = ends
-        .stdin
-        .map(|fd| StdinPipe::new(fd, false))
-        .transpose()?;
+    let stdin = ends.stdin.map(|fd| StdinPipe::new(fd, false)).transpose()?;
     let stdout = match ends.stdout {
         Some(fd) => OutputPipe::new("stdout", fd, false)?,
         None => OutputPipe::finished("stdout"),
@@ -303,7 +305,11 @@ fn agent_stdio(
 }
 
 impl Runtime {
-    pub fn new(cgroup_root: &Path, events: EventBus, reaper: Arc<crate::spawn::Reaper>) -> Result<Self, RuntimeError> {
+    pub fn new(
+        cgroup_root: &Path,
+        events: EventBus,
+        reaper: Arc<crate::spawn::Reaper>,
+    ) -> Result<Self, RuntimeError> {
         let cgroups = CgroupRoot::open(cgroup_root).map_err(|source| RuntimeError::Cgroup {
             id: "(agent)".into(),
             source,
@@ -404,22 +410,25 @@ impl Runtime {
             .map_err(cgroup_error)?;
         let setup = oci::container_setup(&spec, request.bundle, &namespaces, &cgroup_dir)
             .map_err(spec_error)?;
-        let prepared = oci::process::prepare(
-            oci_process,
-            Some(&setup.rootfs_path),
-            self.last_capability,
-        )
-        .map_err(spec_error)?;
+        let prepared =
+            oci::process::prepare(oci_process, Some(&setup.rootfs_path), self.last_capability)
+                .map_err(spec_error)?;
         for name in setup
             .seccomp
             .as_ref()
             .map(|seccomp| seccomp.skipped_syscalls.as_slice())
             .unwrap_or_default()
         {
-            tracing::debug!(container = id, "seccomp: no syscall {name} on this architecture");
+            tracing::debug!(
+                container = id,
+                "seccomp: no syscall {name} on this architecture"
+            );
         }
         if spec.hooks().is_some() {
-            tracing::warn!(container = id, "ignoring OCI hooks: host hooks cannot run in the VM");
+            tracing::warn!(
+                container = id,
+                "ignoring OCI hooks: host hooks cannot run in the VM"
+            );
         }
 
         let cgroup = self
@@ -438,7 +447,8 @@ impl Runtime {
             let cgroup_fd = open_dir(cgroup.dir()).map_err(io_error("opening the cgroup"))?;
             let (child_stdio, ends) =
                 make_stdio(&prepared, request.stdin).map_err(io_error("making stdio pipes"))?;
-            let (sync_agent, sync_child) = sync::pair().map_err(io_error("making the sync socket"))?;
+            let (sync_agent, sync_child) =
+                sync::pair().map_err(io_error("making the sync socket"))?;
             let sync_socket = SyncSocket::new(sync_agent).map_err(io_error("the sync socket"))?;
             let labels = StepLabels {
                 setup: setup.labels.clone(),
@@ -469,7 +479,11 @@ impl Runtime {
             } = prepared;
             let plan = ChildPlan {
                 new_namespaces: namespaces.new_namespaces,
-                join_pid_namespace: if namespaces.join_pod_pid { pod_pid } else { None },
+                join_pid_namespace: if namespaces.join_pod_pid {
+                    pod_pid
+                } else {
+                    None
+                },
                 setns: Vec::new(),
                 cgroup: Some(dup(&cgroup_fd).map_err(io_error("duplicating the cgroup fd"))?),
                 sync: sync_child,
@@ -530,7 +544,17 @@ impl Runtime {
             let (stdin, stdout, stderr, pty) =
                 agent_stdio(ends, pty_master).map_err(io_error("stdio"))?;
             drop(kill_guard_disarm(kill_guard));
-            Ok((spawned, stdin, stdout, stderr, pty, cgroup_fd, sync_socket, seccomp, labels))
+            Ok((
+                spawned,
+                stdin,
+                stdout,
+                stderr,
+                pty,
+                cgroup_fd,
+                sync_socket,
+                seccomp,
+                labels,
+            ))
         }
         .await;
         let (spawned, stdin, stdout, stderr, pty, cgroup_fd, sync_socket, seccomp, labels) =
@@ -538,7 +562,10 @@ impl Runtime {
                 Ok(parts) => parts,
                 Err(err) => {
                     if let Err(cleanup) = cgroup.destroy(KILL_TIMEOUT).await {
-                        tracing::warn!(container = id, "cleaning up after a failed create: {cleanup}");
+                        tracing::warn!(
+                            container = id,
+                            "cleaning up after a failed create: {cleanup}"
+                        );
                     }
                     return Err(err);
                 }
@@ -602,7 +629,12 @@ impl Runtime {
                 oom.check(&container_id);
             }
             let _ = exit_tx.send(Some(exit));
-            tracing::debug!(container = container_id, exec = exec_id, code = exit.code, "exited");
+            tracing::debug!(
+                container = container_id,
+                exec = exec_id,
+                code = exit.code,
+                "exited"
+            );
             events.publish(AgentEvent::ProcessExited {
                 container_id,
                 exec_id,
@@ -679,7 +711,9 @@ impl Runtime {
         let container = self.container(container_id)?;
         let status = container.status();
         if status != ContainerStatus::Running
-            || container.removing.load(std::sync::atomic::Ordering::Acquire)
+            || container
+                .removing
+                .load(std::sync::atomic::Ordering::Acquire)
         {
             return Err(RuntimeError::WrongState {
                 id: container_id.to_owned(),
@@ -699,8 +733,9 @@ impl Runtime {
         let oci_process: OciProcess = serde_json::from_slice(process_json)
             .map_err(oci::SpecError::Parse)
             .map_err(spec_error)?;
-        let prepared = oci::process::prepare(&oci_process, Some(&container.rootfs), self.last_capability)
-            .map_err(spec_error)?;
+        let prepared =
+            oci::process::prepare(&oci_process, Some(&container.rootfs), self.last_capability)
+                .map_err(spec_error)?;
         let io_error = |what: &str| {
             let what = what.to_owned();
             move |source| RuntimeError::Io {
@@ -798,12 +833,27 @@ impl Runtime {
                 });
             }
         };
-        let (stdin, stdout, stderr, pty) = agent_stdio(ends, pty_master).map_err(io_error("stdio"))?;
+        let (stdin, stdout, stderr, pty) =
+            agent_stdio(ends, pty_master).map_err(io_error("stdio"))?;
         drop(kill_guard_disarm(kill_guard));
         let pid = u32::try_from(spawned.pid).unwrap_or_default();
-        let process = self.track_process(container_id, exec_id, spawned, stdin, stdout, stderr, pty, false);
+        let process = self.track_process(
+            container_id,
+            exec_id,
+            spawned,
+            stdin,
+            stdout,
+            stderr,
+            pty,
+            false,
+        );
         reservation.fill(process);
-        tracing::debug!(container = container_id, exec = exec_id, pid, "exec started");
+        tracing::debug!(
+            container = container_id,
+            exec = exec_id,
+            pid,
+            "exec started"
+        );
         Ok(pid)
     }
 
@@ -823,10 +873,13 @@ impl Runtime {
         let process = self.process(container_id, exec_id)?;
         if all && exec_id.is_empty() {
             let container = self.container(container_id)?;
-            let pids = container.cgroup.pids().map_err(|source| RuntimeError::Cgroup {
-                id: container_id.to_owned(),
-                source,
-            })?;
+            let pids = container
+                .cgroup
+                .pids()
+                .map_err(|source| RuntimeError::Cgroup {
+                    id: container_id.to_owned(),
+                    source,
+                })?;
             if pids.is_empty() && process.exited().is_some() {
                 return Err(RuntimeError::Exited {
                     container_id: container_id.to_owned(),
@@ -867,8 +920,15 @@ impl Runtime {
         container.cgroup.kill_all();
         let _ = crate::spawn::pidfd_signal(&container.init.pidfd, libc::SIGKILL);
         for process in container.all_processes() {
-            if tokio::time::timeout(KILL_TIMEOUT, process.wait()).await.is_err() {
-                tracing::warn!(container = id, pid = process.pid, "process did not die after SIGKILL");
+            if tokio::time::timeout(KILL_TIMEOUT, process.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    container = id,
+                    pid = process.pid,
+                    "process did not die after SIGKILL"
+                );
             }
         }
         container
@@ -898,8 +958,8 @@ impl Runtime {
 
     pub fn update(&self, id: &str, resources_json: &[u8]) -> Result<(), RuntimeError> {
         let container = self.container(id)?;
-        let resources: LinuxResources = serde_json::from_slice(resources_json)
-            .map_err(|err| RuntimeError::Spec {
+        let resources: LinuxResources =
+            serde_json::from_slice(resources_json).map_err(|err| RuntimeError::Spec {
                 id: id.to_owned(),
                 source: oci::SpecError::Parse(err),
             })?;
@@ -977,8 +1037,8 @@ impl Runtime {
         };
         let holder = self.spawner.spawn(plan).await.map_err(pod_error)?;
         drop(sync_agent);
-        let namespace = std::fs::File::open(format!("/proc/{}/ns/pid", holder.pid))
-            .map_err(pod_error)?;
+        let namespace =
+            std::fs::File::open(format!("/proc/{}/ns/pid", holder.pid)).map_err(pod_error)?;
         *lock(&self.pod_pid) = Some(PodPidNamespace {
             holder,
             namespace: namespace.into(),

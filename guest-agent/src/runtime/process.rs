@@ -160,7 +160,10 @@ pub fn describe_failure(step: u32, index: u32, errno: i32, labels: &StepLabels) 
         Setns => "entering the container's namespaces".into(),
         RootPropagation => "setting mount propagation of /".into(),
         BindRootfs => "bind-mounting the rootfs".into(),
-        MountMkdir => format!("creating the mount point for {}", label(&labels.setup.mounts, index)),
+        MountMkdir => format!(
+            "creating the mount point for {}",
+            label(&labels.setup.mounts, index)
+        ),
         Mount => label(&labels.setup.mounts, index),
         BindRemount => format!("remounting ({})", label(&labels.setup.mounts, index)),
         MountPropagation => format!("propagation of ({})", label(&labels.setup.mounts, index)),
@@ -212,8 +215,14 @@ pub fn describe_failure(step: u32, index: u32, errno: i32, labels: &StepLabels) 
 /// What the sync socket said about a process being set up.
 pub enum SetupOutcome {
     /// The process is waiting for Start (containers) or has exec'd (execs).
-    Done { pty_master: Option<OwnedFd> },
-    Failed { step: u32, index: u32, errno: i32 },
+    Done {
+        pty_master: Option<OwnedFd>,
+    },
+    Failed {
+        step: u32,
+        index: u32,
+        errno: i32,
+    },
     /// The socket closed without a message before Ready.
     Closed,
 }

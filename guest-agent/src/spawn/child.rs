@@ -188,8 +188,7 @@ fn setup_and_exec(plan: &ChildPlan) -> StepResult {
     if let Some(domainname) = &plan.domainname {
         // SAFETY: pointer and length describe the plan's C string.
         check(
-            unsafe { libc::setdomainname(domainname.as_ptr(), domainname.as_bytes().len()) }
-                .into(),
+            unsafe { libc::setdomainname(domainname.as_ptr(), domainname.as_bytes().len()) }.into(),
             Step::Domainname,
             0,
         )?;
@@ -202,8 +201,15 @@ fn setup_and_exec(plan: &ChildPlan) -> StepResult {
         // SAFETY: `limit` is a valid rlimit; a NULL old-limit pointer is
         // allowed. pid 0 is this process.
         check(
-            unsafe { libc::prlimit(0, *resource as libc::__rlimit_resource_t, limit, std::ptr::null_mut()) }
-                .into(),
+            unsafe {
+                libc::prlimit(
+                    0,
+                    *resource as libc::__rlimit_resource_t,
+                    limit,
+                    std::ptr::null_mut(),
+                )
+            }
+            .into(),
             Step::Rlimit,
             index,
         )?;
@@ -606,13 +612,7 @@ fn mask_path(path: &CStr) -> Result<(), i32> {
         Err(errno) => return Err(errno),
     };
     let rc = if directory {
-        mount(
-            Some(c"tmpfs"),
-            path,
-            Some(c"tmpfs"),
-            libc::MS_RDONLY,
-            None,
-        )
+        mount(Some(c"tmpfs"), path, Some(c"tmpfs"), libc::MS_RDONLY, None)
     } else {
         mount(Some(c"/dev/null"), path, None, libc::MS_BIND, None)
     };
@@ -624,14 +624,7 @@ fn mask_path(path: &CStr) -> Result<(), i32> {
 }
 
 fn readonly_path(path: &CStr) -> Result<(), i32> {
-    if mount(
-        Some(path),
-        path,
-        None,
-        libc::MS_BIND | libc::MS_REC,
-        None,
-    ) < 0
-    {
+    if mount(Some(path), path, None, libc::MS_BIND | libc::MS_REC, None) < 0 {
         return match errno() {
             libc::ENOENT => Ok(()),
             errno => Err(errno),
@@ -765,11 +758,7 @@ fn setup_pty(sync: RawFd, rows: u16, columns: u16) -> StepResult {
             }
         }
         libc::close(slave);
-        check(
-            libc::ioctl(0, libc::TIOCSCTTY, 0).into(),
-            Step::Pty,
-            4,
-        )
+        check(libc::ioctl(0, libc::TIOCSCTTY, 0).into(), Step::Pty, 4)
     }
 }
 
@@ -777,14 +766,7 @@ fn send_message(sync: RawFd, message: Message) {
     let bytes = message.encode();
     // SAFETY: sends a local buffer; failure leaves nothing to clean up (the
     // agent then sees the socket close without a message).
-    unsafe {
-        libc::send(
-            sync,
-            bytes.as_ptr().cast(),
-            MESSAGE_LEN,
-            libc::MSG_NOSIGNAL,
-        )
-    };
+    unsafe { libc::send(sync, bytes.as_ptr().cast(), MESSAGE_LEN, libc::MSG_NOSIGNAL) };
 }
 
 /// sendmsg with one descriptor in SCM_RIGHTS, on a stack buffer.

@@ -178,7 +178,11 @@ fn spawner_thread(
 const CLONE_PIDFD: u64 = 0x1000;
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
-fn clone_child(plan: &ChildPlan, reaper: &Reaper, own_pid_namespace: &OwnedFd) -> io::Result<Spawned> {
+fn clone_child(
+    plan: &ChildPlan,
+    reaper: &Reaper,
+    own_pid_namespace: &OwnedFd,
+) -> io::Result<Spawned> {
     if let Some(pid_namespace) = &plan.join_pid_namespace {
         // SAFETY: setns on a namespace descriptor owned by the plan.
         if unsafe { libc::setns(pid_namespace.as_raw_fd(), libc::CLONE_NEWPID) } < 0 {

@@ -195,7 +195,10 @@ impl Backend for BuiltinBackend {
                 os("--initrd"),
                 spec.initramfs.clone().into(),
                 os("--cmdline"),
-                os(cmdline(microvm_guest_image::KERNEL_CMDLINE.to_owned(), spec)),
+                os(cmdline(
+                    microvm_guest_image::KERNEL_CMDLINE.to_owned(),
+                    spec,
+                )),
                 os("--vcpus"),
                 os(spec.vcpus.to_string()),
                 os("--memory-mib"),
@@ -259,10 +262,11 @@ impl Backend for QemuBackend {
         vsock_chardev.push(layout.vhost_vsock_socket());
         let mut fs_chardev = OsString::from("socket,id=fs,path=");
         fs_chardev.push(layout.virtiofs_socket());
-        let qemu = ProcessSpec {
-            name: "qemu",
-            program: self.qemu.clone(),
-            args: vec![
+        let qemu =
+            ProcessSpec {
+                name: "qemu",
+                program: self.qemu.clone(),
+                args: vec![
                 os("-M"),
                 // acpi=off: QEMU then lists the virtio-mmio devices on the
                 // kernel command line, which our ACPI-less kernel needs.
@@ -301,9 +305,9 @@ impl Backend for QemuBackend {
                 os("-device"),
                 os(format!("vhost-user-fs-device,chardev=fs,tag={SHARED_FS_TAG}")),
             ],
-            ready_socket: None,
-            is_vmm: true,
-        };
+                ready_socket: None,
+                is_vmm: true,
+            };
         vec![virtiofsd(spec), vsock, qemu]
     }
 }

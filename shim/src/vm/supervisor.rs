@@ -280,11 +280,8 @@ impl PodVm {
             if let Some(kill) = process.kill.take() {
                 let _ = kill.send(());
             }
-            let reaped = tokio::time::timeout(
-                REAP_TIMEOUT,
-                process.exited.wait_for(Option::is_some),
-            )
-            .await;
+            let reaped =
+                tokio::time::timeout(REAP_TIMEOUT, process.exited.wait_for(Option::is_some)).await;
             if reaped.is_err() {
                 tracing::error!(
                     "{} (pid {}) was not reaped within {REAP_TIMEOUT:?}",
@@ -465,10 +462,19 @@ mod tests {
             .await
             .unwrap_err();
         let message = err.to_string();
-        assert!(message.contains("second exited before creating"), "{message}");
+        assert!(
+            message.contains("second exited before creating"),
+            "{message}"
+        );
         assert!(message.contains("exit status: 3"), "{message}");
         let first_pid: u32 = std::fs::read_to_string(layout.pid_dir().join("first"))
-            .map(|text| text.split_whitespace().next().unwrap_or("0").parse().unwrap())
+            .map(|text| {
+                text.split_whitespace()
+                    .next()
+                    .unwrap_or("0")
+                    .parse()
+                    .unwrap()
+            })
             .unwrap_or(0);
         assert_eq!(first_pid, 0, "pid file of the killed process is removed");
         let log = std::fs::read_to_string(&layout.log_file).unwrap();
@@ -528,12 +534,18 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let pid_dir = tmp.path().join("pids");
         std::fs::create_dir_all(&pid_dir).unwrap();
-        let mut live = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+        let mut live = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
         let pid = live.id();
         let start = process_start_time(pid).unwrap();
         std::fs::write(pid_dir.join("vmm"), format!("{pid} {start}\n")).unwrap();
         // A recycled pid: same number, another start time. Not killed.
-        let mut other = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+        let mut other = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
         std::fs::write(
             pid_dir.join("stale"),
             format!("{} {}\n", other.id(), start.wrapping_add(12345)),

@@ -11,6 +11,7 @@ pub mod interrupt;
 pub mod legacy;
 pub mod metrics;
 pub mod rate_limiter;
+pub mod unix_socket;
 pub mod virtio;
 
 /// The guest memory type shared by every device.

@@ -53,7 +53,7 @@ impl ApiServer {
             path: path.to_owned(),
             source,
         };
-        let accept_listener = listener.listener.try_clone().map_err(io_error)?;
+        let accept_listener = listener.listener().try_clone().map_err(io_error)?;
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         std::thread::Builder::new()
             .name("api".into())

@@ -647,7 +647,10 @@ mod tests {
         let path = dir.path().join("v.sock");
         let live = UnixListener::bind(&path).unwrap();
         let err = Vsock::new(CID, path.clone()).err().unwrap();
-        assert!(matches!(err, VsockError::SocketInUse(_)));
+        assert!(matches!(
+            err,
+            VsockError::Socket(crate::unix_socket::UnixSocketError::InUse(_))
+        ));
         assert!(err.to_string().contains(&path.display().to_string()));
         drop(live);
         // The file is still there, but nothing listens: reclaimed.

@@ -2,13 +2,12 @@
 //! `CONNECT <port>\n` handshake and connects to `<uds_path>_<port>`.
 
 use super::VsockError;
+use crate::unix_socket::{OwnedListener, UnixSocketError};
 use socket2::{Domain, SockAddr, Socket, Type};
 use std::ffi::OsString;
-use std::fs;
 use std::io::{self, Read};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::io::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 /// Longest accepted handshake line, newline included ("CONNECT 4294967295\n"
@@ -130,107 +129,43 @@ pub fn port_path(uds_path: &Path, port: u32) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// The listening socket at `uds_path`. Dropping it removes the socket file,
-/// unless something else has replaced it meanwhile.
+/// The listening socket at `uds_path` (see `crate::unix_socket` for how it is
+/// published and removed).
 #[derive(Debug)]
 pub struct HostListener {
-    listener: UnixListener,
-    path: PathBuf,
-    /// (device, inode) of the file we created.
-    file_id: Option<(u64, u64)>,
+    owned: OwnedListener,
 }
 
 impl HostListener {
     /// Binds at `path`. A live listener already there is an error (its socket
     /// is never stolen); a stale socket file (connect refused) is replaced.
     pub fn bind(path: &Path) -> Result<Self, VsockError> {
-        let listener = match UnixListener::bind(path) {
-            Ok(l) => l,
-            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-                Self::reclaim_stale(path)?;
-                UnixListener::bind(path).map_err(|source| VsockError::Bind {
-                    path: path.to_owned(),
-                    source,
-                })?
-            }
-            Err(source) => {
-                return Err(VsockError::Bind {
-                    path: path.to_owned(),
-                    source,
-                })
-            }
-        };
-        listener
+        let owned = OwnedListener::bind(path)?;
+        owned
+            .listener()
             .set_nonblocking(true)
-            .map_err(|source| VsockError::Bind {
+            .map_err(|source| UnixSocketError::Bind {
                 path: path.to_owned(),
                 source,
             })?;
-        let file_id = fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()));
-        Ok(Self {
-            listener,
-            path: path.to_owned(),
-            file_id,
-        })
-    }
-
-    fn reclaim_stale(path: &Path) -> Result<(), VsockError> {
-        let meta = fs::symlink_metadata(path).map_err(|source| VsockError::Bind {
-            path: path.to_owned(),
-            source,
-        })?;
-        if !meta.file_type().is_socket() {
-            return Err(VsockError::NotASocket(path.to_owned()));
-        }
-        match connect_nonblocking(path) {
-            // A full backlog (WouldBlock) also means someone is listening.
-            Ok(_) => Err(VsockError::SocketInUse(path.to_owned())),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                Err(VsockError::SocketInUse(path.to_owned()))
-            }
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                tracing::info!(path = %path.display(), "vsock: replacing stale socket");
-                fs::remove_file(path).map_err(|source| VsockError::RemoveStale {
-                    path: path.to_owned(),
-                    source,
-                })
-            }
-            Err(source) => Err(VsockError::Bind {
-                path: path.to_owned(),
-                source,
-            }),
-        }
+        Ok(Self { owned })
     }
 
     /// Accepts one pending connection, non-blocking.
     pub fn accept(&self) -> io::Result<UnixStream> {
-        let (stream, _) = self.listener.accept()?;
+        let (stream, _) = self.owned.listener().accept()?;
         stream.set_nonblocking(true)?;
         Ok(stream)
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.owned.path()
     }
 }
 
 impl AsRawFd for HostListener {
     fn as_raw_fd(&self) -> RawFd {
-        self.listener.as_raw_fd()
-    }
-}
-
-impl Drop for HostListener {
-    fn drop(&mut self) {
-        let ours = match fs::symlink_metadata(&self.path) {
-            Ok(m) => Some((m.dev(), m.ino())) == self.file_id,
-            Err(_) => false,
-        };
-        if ours {
-            if let Err(e) = fs::remove_file(&self.path) {
-                tracing::warn!(path = %self.path.display(), error = %e, "vsock: failed to remove socket");
-            }
-        }
+        self.owned.listener().as_raw_fd()
     }
 }
 
@@ -380,58 +315,15 @@ mod tests {
     }
 
     #[test]
-    fn bind_refuses_a_live_socket() {
+    fn bind_refuses_a_live_socket_through_the_shared_helper() {
         let dir = TempDir::new();
         let path = dir.path().join("v.sock");
-        let live = UnixListener::bind(&path).unwrap();
+        let _live = std::os::unix::net::UnixListener::bind(&path).unwrap();
         let err = HostListener::bind(&path).unwrap_err();
-        assert!(matches!(err, VsockError::SocketInUse(ref p) if *p == path));
-        let msg = err.to_string();
         assert!(
-            msg.contains("already in use") && msg.contains("v.sock"),
-            "{msg}"
+            matches!(err, VsockError::Socket(UnixSocketError::InUse(ref p)) if *p == path),
+            "{err}"
         );
-        // The live listener still works.
-        drop(UnixStream::connect(&path).unwrap());
-        live.accept().unwrap();
-    }
-
-    #[test]
-    fn bind_reclaims_a_stale_socket() {
-        let dir = TempDir::new();
-        let path = dir.path().join("v.sock");
-        drop(UnixListener::bind(&path).unwrap());
-        assert!(path.exists(), "std leaves the socket file behind");
-        let listener = HostListener::bind(&path).unwrap();
-        drop(UnixStream::connect(&path).unwrap());
-        listener.accept().unwrap();
-    }
-
-    #[test]
-    fn bind_refuses_a_regular_file() {
-        let dir = TempDir::new();
-        let path = dir.path().join("v.sock");
-        fs::write(&path, b"keep me").unwrap();
-        assert!(matches!(
-            HostListener::bind(&path),
-            Err(VsockError::NotASocket(_))
-        ));
-        assert_eq!(fs::read(&path).unwrap(), b"keep me");
-    }
-
-    #[test]
-    fn drop_removes_only_our_socket_file() {
-        let dir = TempDir::new();
-        let path = dir.path().join("v.sock");
-        drop(HostListener::bind(&path).unwrap());
-        assert!(!path.exists());
-
-        let listener = HostListener::bind(&path).unwrap();
-        fs::remove_file(&path).unwrap();
-        let other = UnixListener::bind(&path).unwrap();
-        drop(listener);
-        assert!(path.exists(), "a successor's socket must survive");
-        drop(other);
     }
 
     #[test]

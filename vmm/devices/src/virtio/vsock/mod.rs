@@ -25,7 +25,6 @@ mod test_utils;
 pub use device::Vsock;
 pub use metrics::VsockMetrics;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// The host's CID (`VMADDR_CID_HOST`).
@@ -62,22 +61,8 @@ impl Default for VsockLimits {
 pub enum VsockError {
     #[error("guest CID {0} is reserved or out of range (must be 3..=0xffff_fffe)")]
     InvalidCid(u64),
-    #[error("socket path {} is already in use by a live listener", .0.display())]
-    SocketInUse(PathBuf),
-    #[error("path {} exists and is not a unix socket", .0.display())]
-    NotASocket(PathBuf),
-    #[error("failed to bind unix socket {}", .path.display())]
-    Bind {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("failed to remove stale socket {}", .path.display())]
-    RemoveStale {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Socket(#[from] crate::unix_socket::UnixSocketError),
     #[error("failed to create the activate event")]
     EventFd(#[source] std::io::Error),
 }

@@ -1,0 +1,412 @@
+//! The pod: its VM (backend processes), its agent, its shared directory.
+//! [`Pod::boot`] fails with a message that says which step failed: the
+//! kernel or initramfs is missing, a host process did not start, the VM did
+//! not boot (no ready line from the agent in time, or the VMM exited), or
+//! the agent did not answer in time.
+
+use crate::agent::{AgentClient, AgentError};
+use crate::config::Config;
+use crate::rootfs::{self, RootfsError};
+use crate::vm::layout::{PodLayout, GUEST_SHARED_DIR, SHARED_FS_TAG};
+use crate::vm::supervisor::{ExitWatch, LaunchError, PodVm};
+use crate::vm::{self, BackendError, PodVmSpec};
+use microvm_proto::agent::v1 as api;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tokio::sync::Mutex;
+
+/// How long one connection attempt to the agent may take.
+const AGENT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+const AGENT_RETRY: Duration = Duration::from_millis(100);
+/// How many console lines a boot failure quotes.
+const CONSOLE_TAIL_LINES: usize = 15;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error(transparent)]
+    Image(#[from] BackendError),
+    #[error("backend {0} has no virtio-fs device, so it cannot share a container rootfs with the guest; use backend = \"qemu\"")]
+    NoFileSharing(&'static str),
+    #[error("preparing the pod's shared directory")]
+    Shared(#[source] RootfsError),
+    #[error("starting the VM")]
+    Launch(#[source] LaunchError),
+    #[error("the VM did not boot: {name} exited ({status}) before the agent answered; console: {log}\n{tail}")]
+    VmExited {
+        name: &'static str,
+        status: String,
+        log: String,
+        tail: String,
+    },
+    #[error(
+        "the VM did not boot within {timeout:?} (no agent ready line); console: {log}\n{tail}"
+    )]
+    BootTimeout {
+        timeout: Duration,
+        log: String,
+        tail: String,
+    },
+    #[error("the guest booted but the agent did not answer within {timeout:?}: {last_error}; console: {log}")]
+    AgentTimeout {
+        timeout: Duration,
+        last_error: String,
+        log: String,
+    },
+    #[error("the agent refused the sandbox: {0}")]
+    Sandbox(tonic::Status),
+    #[error("the agent could not mount the shared directory: {0}")]
+    MountShared(tonic::Status),
+}
+
+/// Timings of one boot, for the log and the benchmark.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BootTimes {
+    pub launch: Duration,
+    pub boot: Duration,
+    pub agent: Duration,
+}
+
+#[derive(Debug)]
+pub struct Pod {
+    pub id: String,
+    pub layout: PodLayout,
+    pub agent: AgentClient,
+    pub shares_files: bool,
+    pub times: BootTimes,
+    vm: Mutex<PodVm>,
+}
+
+impl Pod {
+    /// Boots the pod's VM and brings its agent and sandbox up.
+    pub async fn boot(config: &Config, namespace: &str, pod_id: &str) -> Result<Self, BootError> {
+        let backend = vm::backend_for(config);
+        if !backend.shares_files() {
+            return Err(BootError::NoFileSharing(backend.name()));
+        }
+        let (kernel, initramfs) = vm::guest_image(config)?;
+        let layout = PodLayout::new(
+            &config.paths.state_dir,
+            &config.paths.log_dir,
+            namespace,
+            pod_id,
+        );
+        tracing::info!(
+            "pod {pod_id}: booting a {} VM; guest console and agent log: {}",
+            backend.name(),
+            layout.log_file.display()
+        );
+        let started = Instant::now();
+        crate::shim::record_shim(&layout);
+        if let Err(err) = rootfs::prepare_shared_dir(&layout) {
+            rootfs::remove_mounted_tree(&layout.dir);
+            return Err(BootError::Shared(err));
+        }
+        let spec = PodVmSpec {
+            layout: layout.clone(),
+            kernel,
+            initramfs,
+            kernel_args: config.vm.kernel_args.clone(),
+            vcpus: config.vm.vcpus,
+            memory_mib: config.vm.memory_mib,
+            debug_console: config.vm.debug_console,
+            virtiofsd: config.paths.virtiofsd.clone(),
+        };
+        let result = Self::launch_and_connect(config, &layout, backend.plan(&spec), started).await;
+        match result {
+            Ok((vm, agent, times)) => {
+                let pod = Self {
+                    id: pod_id.to_owned(),
+                    layout,
+                    agent,
+                    shares_files: backend.shares_files(),
+                    times,
+                    vm: Mutex::new(vm),
+                };
+                if let Err(err) = pod.set_up_sandbox().await {
+                    pod.shutdown().await;
+                    return Err(err);
+                }
+                tracing::info!(
+                    "pod {pod_id}: ready (host processes {:?}, guest boot {:?}, agent {:?})",
+                    times.launch,
+                    times.boot,
+                    times.agent
+                );
+                Ok(pod)
+            }
+            Err(err) => {
+                rootfs::remove_mounted_tree(&layout.dir);
+                Err(err)
+            }
+        }
+    }
+
+    async fn launch_and_connect(
+        config: &Config,
+        layout: &PodLayout,
+        plan: Vec<vm::ProcessSpec>,
+        started: Instant,
+    ) -> Result<(PodVm, AgentClient, BootTimes), BootError> {
+        let mut vm = PodVm::launch(plan, layout, config.timeouts.boot())
+            .await
+            .map_err(BootError::Launch)?;
+        let launched = started.elapsed();
+        match wait_for_agent(&vm, layout, config).await {
+            Ok((agent, boot, agent_time)) => Ok((
+                vm,
+                agent,
+                BootTimes {
+                    launch: launched,
+                    boot,
+                    agent: agent_time,
+                },
+            )),
+            Err(err) => {
+                vm.shutdown().await;
+                Err(err)
+            }
+        }
+    }
+
+    async fn set_up_sandbox(&self) -> Result<(), BootError> {
+        let hostname: String = self.id.chars().take(63).collect();
+        self.agent
+            .sandbox
+            .clone()
+            .create_sandbox(api::CreateSandboxRequest {
+                sandbox_id: self.id.clone(),
+                hostname,
+                ..Default::default()
+            })
+            .await
+            .map_err(BootError::Sandbox)?;
+        if self.shares_files {
+            self.agent
+                .storage
+                .clone()
+                .mount_storage(api::MountStorageRequest {
+                    source: Some(api::mount_storage_request::Source::VirtioFsTag(
+                        SHARED_FS_TAG.to_owned(),
+                    )),
+                    target: GUEST_SHARED_DIR.to_owned(),
+                    fstype: "virtiofs".to_owned(),
+                    options: Vec::new(),
+                })
+                .await
+                .map_err(BootError::MountShared)?;
+        }
+        Ok(())
+    }
+
+    pub async fn exit_watch(&self) -> ExitWatch {
+        self.vm.lock().await.exit_watch()
+    }
+
+    pub async fn host_pids(&self) -> Vec<(&'static str, u32)> {
+        self.vm.lock().await.pids()
+    }
+
+    /// Asks the agent to power off (bounded), then stops every host
+    /// process, unmounts and removes the pod's state. Idempotent.
+    pub async fn shutdown(&self) {
+        let mut sandbox = self.agent.sandbox.clone();
+        let power_off = sandbox.power_off(api::PowerOffRequest {});
+        if let Err(err) = tokio::time::timeout(Duration::from_secs(2), power_off).await {
+            tracing::debug!("agent power-off did not answer: {err}");
+        }
+        self.vm.lock().await.shutdown().await;
+        rootfs::remove_mounted_tree(&self.layout.dir);
+        tracing::info!("pod {}: VM stopped and state removed", self.id);
+    }
+}
+
+/// Waits until the agent answers its health check. The boot timeout runs
+/// until the agent's ready line shows on the console (or it answers); the
+/// agent timeout from then on.
+async fn wait_for_agent(
+    vm: &PodVm,
+    layout: &PodLayout,
+    config: &Config,
+) -> Result<(AgentClient, Duration, Duration), BootError> {
+    let started = Instant::now();
+    let log = layout.log_file.display().to_string();
+    let mut ready_at: Option<Instant> = None;
+    loop {
+        if let Some(exit) = vm.any_exited() {
+            return Err(BootError::VmExited {
+                name: exit.name,
+                status: exit.status,
+                log,
+                tail: console_tail(&layout.log_file),
+            });
+        }
+        if ready_at.is_none() && console_has_ready_line(&layout.log_file) {
+            ready_at = Some(Instant::now());
+        }
+        let attempt = tokio::time::timeout(AGENT_ATTEMPT_TIMEOUT, async {
+            let agent =
+                AgentClient::connect(&layout.agent_socket(), microvm_proto::AGENT_VSOCK_PORT)
+                    .await?;
+            agent.check().await?;
+            Ok::<_, AgentError>(agent)
+        })
+        .await;
+        let last_error = match attempt {
+            Ok(Ok(agent)) => {
+                let now = Instant::now();
+                let ready = ready_at.unwrap_or(now);
+                return Ok((agent, ready - started, now - ready));
+            }
+            Ok(Err(err)) => error_chain(&err),
+            Err(_) => format!("no answer within {AGENT_ATTEMPT_TIMEOUT:?}"),
+        };
+        match ready_at {
+            Some(ready) if ready.elapsed() >= config.timeouts.agent() => {
+                return Err(BootError::AgentTimeout {
+                    timeout: config.timeouts.agent(),
+                    last_error,
+                    log,
+                });
+            }
+            None if started.elapsed() >= config.timeouts.boot() => {
+                return Err(BootError::BootTimeout {
+                    timeout: config.timeouts.boot(),
+                    log,
+                    tail: console_tail(&layout.log_file),
+                });
+            }
+            _ => tokio::time::sleep(AGENT_RETRY).await,
+        }
+    }
+}
+
+fn console_has_ready_line(log: &Path) -> bool {
+    std::fs::read(log)
+        .map(|bytes| {
+            let needle = microvm_guest_image::READY_LINE_PREFIX.as_bytes();
+            bytes.windows(needle.len()).any(|window| window == needle)
+        })
+        .unwrap_or(false)
+}
+
+fn console_tail(log: &Path) -> String {
+    let text = std::fs::read(log)
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..].join("\n")
+}
+
+/// `err: source: source...`, once.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::BackendKind;
+
+    fn config_in(dir: &Path) -> Config {
+        let mut config = Config::default();
+        config.paths.state_dir = dir.join("state");
+        config.paths.log_dir = dir.join("log");
+        config.vm.kernel = dir.join("vmlinux");
+        config.vm.initramfs = dir.join("initrd");
+        config.timeouts.boot_seconds = 1.0;
+        config.timeouts.agent_seconds = 0.5;
+        config
+    }
+
+    fn script(dir: &Path, name: &str, body: &str) -> std::path::PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    #[tokio::test]
+    async fn builtin_backend_is_refused_for_lack_of_virtio_fs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = config_in(tmp.path());
+        assert_eq!(config.backend, BackendKind::Builtin);
+        let err = Pod::boot(&config, "ns", "pod").await.unwrap_err();
+        assert!(err.to_string().contains("virtio-fs"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_missing_kernel_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut config = config_in(tmp.path());
+        config.backend = BackendKind::Qemu;
+        let err = Pod::boot(&config, "ns", "pod").await.unwrap_err();
+        let message = error_chain(&err);
+        assert!(message.contains("guest kernel"), "{message}");
+        assert!(message.contains("vmlinux"), "{message}");
+        assert!(!config.paths.state_dir.join("ns/pod").exists());
+    }
+
+    /// The qemu backend with stand-ins: a "VMM" that exits at once fails
+    /// the boot with its status, and nothing is left behind.
+    #[tokio::test]
+    async fn a_vm_that_dies_during_boot_is_reported_and_cleaned_up() {
+        if !nix::unistd::Uid::effective().is_root() {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let mut config = config_in(tmp.path());
+        std::fs::write(&config.vm.kernel, "k").unwrap();
+        std::fs::write(&config.vm.initramfs, "i").unwrap();
+        config.backend = BackendKind::Qemu;
+        let fake = |name: &str, body: &str| script(tmp.path(), name, body);
+        // virtiofsd and vhost-device-vsock stand-ins create their sockets
+        // (the path follows --socket-path / --socket).
+        config.paths.virtiofsd = fake("virtiofsd", "touch \"$2\"; exec sleep 60");
+        config.qemu.vhost_device_vsock = fake("vsock", "touch \"$4\"; exec sleep 60");
+        config.qemu.binary = fake("qemu", "echo guest kernel panic; exit 1");
+        let err = Pod::boot(&config, "ns", "pod").await.unwrap_err();
+        let message = error_chain(&err);
+        assert!(
+            message.contains("the VM did not boot: qemu exited"),
+            "{message}"
+        );
+        assert!(message.contains("guest kernel panic"), "{message}");
+        assert!(!config.paths.state_dir.join("ns/pod").exists());
+        assert!(rootfs::mounts_under(tmp.path()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_silent_vm_times_out_as_a_boot_failure() {
+        if !nix::unistd::Uid::effective().is_root() {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let mut config = config_in(tmp.path());
+        std::fs::write(&config.vm.kernel, "k").unwrap();
+        std::fs::write(&config.vm.initramfs, "i").unwrap();
+        config.backend = BackendKind::Qemu;
+        let script = |name: &str, body: &str| script(tmp.path(), name, body);
+        config.paths.virtiofsd = script("virtiofsd", "touch \"$2\"; exec sleep 60");
+        config.qemu.vhost_device_vsock = script("vsock", "touch \"$4\"; exec sleep 60");
+        config.qemu.binary = script("qemu", "exec sleep 60");
+        let err = Pod::boot(&config, "ns", "pod").await.unwrap_err();
+        assert!(matches!(err, BootError::BootTimeout { .. }), "{err}");
+
+        // A ready line but no agent: the agent timeout.
+        config.qemu.binary = script(
+            "qemu",
+            "echo 'microvm-agent: ready uptime=0.5'; exec sleep 60",
+        );
+        let err = Pod::boot(&config, "ns", "pod").await.unwrap_err();
+        assert!(matches!(err, BootError::AgentTimeout { .. }), "{err}");
+        assert!(!config.paths.state_dir.join("ns/pod").exists());
+    }
+}

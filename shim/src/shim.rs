@@ -1,0 +1,384 @@
+//! The shim process's life: `start` (one shim per pod, found by the
+//! sandbox-id annotation), serving the task API, and `delete` (cleanup of
+//! what a dead shim left: VM processes, mounts, sockets, state).
+
+use crate::config::CONFIG_PATH_ENV;
+use crate::events::{self, EventQueue};
+use crate::service::{config_path_from_options, pod_id_of, TaskService, POD_DIR_FILE};
+use crate::vm::supervisor::{kill_recorded, process_start_time};
+use crate::{rootfs, vm::layout::PodLayout};
+use async_trait::async_trait;
+use containerd_shim::asynchronous::publisher::RemotePublisher;
+use containerd_shim::asynchronous::{ExitSignal, Shim};
+use containerd_shim::{DeleteResponse, Flags, StartOpts};
+use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tracing_subscriber::{reload, EnvFilter};
+
+pub const RUNTIME_ID: &str = "io.containerd.microvm.v2";
+/// In the pod dir: the serving shim's pid and start time.
+pub const SHIM_PID_FILE: &str = "shim.pid";
+/// Exit status `delete` reports for a task whose shim died (SIGKILL).
+const KILLED_EXIT_STATUS: u32 = 128 + 9;
+/// How long `start` waits for the new shim to listen.
+const SERVE_START_TIMEOUT: Duration = Duration::from_secs(30);
+const LOG_ENV: &str = "MICROVM_SHIM_LOG";
+
+fn shim_error(message: String) -> containerd_shim::Error {
+    containerd_shim::Error::Other(message)
+}
+
+pub struct MicrovmShim {
+    exit: Arc<ExitSignal>,
+    namespace: String,
+    id: String,
+    bundle: PathBuf,
+    log_level: Option<reload::Handle<EnvFilter, tracing_subscriber::Registry>>,
+}
+
+/// Sets up `tracing`: the serve process writes to containerd's `log` FIFO
+/// in the bundle, the others to stderr (containerd logs it).
+fn init_logging(
+    serving: bool,
+    debug: bool,
+) -> Option<reload::Handle<EnvFilter, tracing_subscriber::Registry>> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let default = if debug { "debug" } else { "info" };
+    let filter =
+        EnvFilter::try_from_env(LOG_ENV).unwrap_or_else(|_| EnvFilter::new(filter_for(default)));
+    let (filter, handle) = reload::Layer::new(filter);
+    // O_NONBLOCK only for the open: it fails with ENXIO instead of
+    // blocking when containerd has no reader on the FIFO.
+    let fifo = serving
+        .then(|| {
+            OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open("log")
+                .ok()
+        })
+        .flatten()
+        .and_then(|file| {
+            use std::os::fd::AsFd;
+            let flags = nix::fcntl::fcntl(file.as_fd(), nix::fcntl::FcntlArg::F_GETFL).ok()?;
+            let mut flags = nix::fcntl::OFlag::from_bits_truncate(flags);
+            flags.remove(nix::fcntl::OFlag::O_NONBLOCK);
+            nix::fcntl::fcntl(file.as_fd(), nix::fcntl::FcntlArg::F_SETFL(flags)).ok()?;
+            Some(file)
+        });
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_ansi(false)
+        .with_target(false);
+    let result = match fifo {
+        Some(file) => tracing_subscriber::registry()
+            .with(filter)
+            .with(fmt.with_writer(std::sync::Mutex::new(file)))
+            .try_init(),
+        None => tracing_subscriber::registry()
+            .with(filter)
+            .with(fmt.with_writer(std::io::stderr))
+            .try_init(),
+    };
+    result.ok().map(|()| handle)
+}
+
+#[async_trait]
+impl Shim for MicrovmShim {
+    type T = TaskService;
+
+    async fn new(_runtime_id: &str, args: &Flags, config: &mut containerd_shim::Config) -> Self {
+        config.no_setup_logger = true;
+        let serving = args.action.is_empty();
+        let log_level = init_logging(serving, args.debug);
+        let bundle = if args.bundle.is_empty() {
+            std::env::current_dir().unwrap_or_default()
+        } else {
+            PathBuf::from(&args.bundle)
+        };
+        Self {
+            exit: Arc::new(ExitSignal::default()),
+            namespace: args.namespace.clone(),
+            id: args.id.clone(),
+            bundle,
+            log_level,
+        }
+    }
+
+    async fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
+        start(opts, &self.bundle).await
+    }
+
+    async fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
+        cleanup_after_dead_shim(&self.bundle, &self.id);
+        let mut response = DeleteResponse::new();
+        response.exit_status = KILLED_EXIT_STATUS;
+        response.exited_at = Some(events::timestamp(SystemTime::now())).into();
+        Ok(response)
+    }
+
+    async fn wait(&mut self) {
+        self.exit.wait().await;
+    }
+
+    async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
+        let (queue, receiver) = EventQueue::new();
+        tokio::spawn(events::forward(receiver, publisher, self.namespace.clone()));
+        let handle = self.log_level.clone();
+        let set_level = Box::new(move |level: &str| {
+            // The environment variable wins over the config.
+            if std::env::var_os(LOG_ENV).is_some() {
+                return;
+            }
+            if let Some(handle) = &handle {
+                let _ = handle.modify(|filter| *filter = EnvFilter::new(filter_for(level)));
+            }
+        });
+        tracing::info!(
+            "serving {} (namespace {}, first container {})",
+            RUNTIME_ID,
+            self.namespace,
+            self.id
+        );
+        TaskService::new(&self.namespace, queue, self.exit.clone(), set_level)
+    }
+}
+
+/// `level` for the shim, at most info for the HTTP/2 stack (its debug
+/// lines are per frame).
+fn filter_for(level: &str) -> String {
+    format!("{level},h2=info,hyper=info,hyper_util=info,tower=info,tonic=info")
+}
+
+fn socket_path(address: &str) -> &str {
+    address.strip_prefix("unix://").unwrap_or(address)
+}
+
+fn socket_alive(address: &str) -> bool {
+    std::os::unix::net::UnixStream::connect(socket_path(address)).is_ok()
+}
+
+/// `start`: reuses the pod's shim when one serves the pod already, else
+/// starts one (this binary without an action) and waits until it listens.
+/// Prints nothing itself: the caller prints the address.
+async fn start(opts: StartOpts, bundle: &Path) -> containerd_shim::Result<String> {
+    let spec = oci_spec::runtime::Spec::load(bundle.join("config.json"))
+        .map_err(|err| shim_error(format!("reading the bundle's config.json: {err}")))?;
+    let pod_id = pod_id_of(&spec, &opts.id);
+    let address = containerd_shim::socket_address(&opts.address, &opts.namespace, &pod_id);
+    let write_address = |address: &str| {
+        std::fs::write(bundle.join("address"), address)
+            .map_err(|err| shim_error(format!("writing the address file: {err}")))
+    };
+    if socket_alive(&address) {
+        write_address(&address)?;
+        return Ok(address);
+    }
+    let exe = std::env::current_exe()
+        .map_err(|err| shim_error(format!("finding the shim binary: {err}")))?;
+    let mut command = std::process::Command::new(exe);
+    command
+        .current_dir(bundle)
+        .args([
+            "-namespace",
+            &opts.namespace,
+            "-id",
+            &opts.id,
+            "-address",
+            &opts.address,
+            "-socket",
+            &address,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        // Its own process group: signals to containerd's group do not
+        // reach the pod's shim.
+        .process_group(0);
+    if opts.debug {
+        command.arg("-debug");
+    }
+    if let Some(config) = config_path_from_stdin() {
+        command.env(CONFIG_PATH_ENV, config);
+    }
+    let mut child = command
+        .spawn()
+        .map_err(|err| shim_error(format!("starting the shim: {err}")))?;
+    // The new shim closes its stdout once it listens (the crate dups
+    // stderr over it); EOF here means listening, or dead.
+    let stdout = child.stdout.take();
+    let waited = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut sink = Vec::new();
+        if let Some(mut stdout) = stdout {
+            let _ = stdout.read_to_end(&mut sink);
+        }
+    });
+    if tokio::time::timeout(SERVE_START_TIMEOUT, waited)
+        .await
+        .is_err()
+    {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(shim_error(format!(
+            "the shim did not listen on {address} within {SERVE_START_TIMEOUT:?}"
+        )));
+    }
+    if !socket_alive(&address) {
+        let status = child.try_wait().ok().flatten();
+        return Err(shim_error(format!(
+            "the shim exited before listening on {address} ({status:?})"
+        )));
+    }
+    // Reap it if it ever exits while we are alive (we exit at once).
+    std::thread::spawn(move || child.wait());
+    write_address(&address)?;
+    Ok(address)
+}
+
+/// containerd writes the runtime options (an Any) on `start`'s stdin; CRI's
+/// name the config file. Tasks created later may not carry them again.
+fn config_path_from_stdin() -> Option<PathBuf> {
+    use containerd_shim::protos::protobuf::Message;
+    use std::io::Read;
+    let mut data = Vec::new();
+    std::io::stdin().read_to_end(&mut data).ok()?;
+    if data.is_empty() {
+        return None;
+    }
+    let any =
+        containerd_shim::protos::protobuf::well_known_types::any::Any::parse_from_bytes(&data)
+            .ok()?;
+    config_path_from_options(Some(&any))
+}
+
+/// Records the serving shim in the pod dir (for [`cleanup_after_dead_shim`]).
+pub fn record_shim(layout: &PodLayout) {
+    let pid = std::process::id();
+    if let Some(start_time) = process_start_time(pid) {
+        let _ = std::fs::create_dir_all(&layout.dir);
+        if let Err(err) = std::fs::write(
+            layout.dir.join(SHIM_PID_FILE),
+            format!("{pid} {start_time}\n"),
+        ) {
+            tracing::warn!("cannot record the shim pid: {err}");
+        }
+    }
+}
+
+fn shim_alive(pod_dir: &Path) -> bool {
+    let text = std::fs::read_to_string(pod_dir.join(SHIM_PID_FILE)).unwrap_or_default();
+    let mut words = text.split_whitespace();
+    let pid = words.next().and_then(|w| w.parse::<u32>().ok());
+    let start_time = words.next().and_then(|w| w.parse::<u64>().ok());
+    match (pid, start_time) {
+        (Some(pid), Some(start_time)) => {
+            pid != std::process::id() && process_start_time(pid) == Some(start_time)
+        }
+        _ => false,
+    }
+}
+
+/// What `delete` does. With the pod's shim gone: kills the VM's host
+/// processes, unmounts and removes the pod's state. With it alive (another
+/// container of the pod still runs): removes this container's files only.
+pub fn cleanup_after_dead_shim(bundle: &Path, container_id: &str) {
+    let Ok(pod_dir) = std::fs::read(bundle.join(POD_DIR_FILE)) else {
+        tracing::info!("delete {container_id}: no pod recorded in the bundle; nothing to clean");
+        return;
+    };
+    let pod_dir = PathBuf::from(String::from_utf8_lossy(&pod_dir).into_owned());
+    let layout = PodLayout {
+        dir: pod_dir.clone(),
+        log_file: PathBuf::new(),
+    };
+    if shim_alive(&pod_dir) {
+        tracing::info!(
+            "delete {container_id}: the pod's shim lives; removing the container's files"
+        );
+        rootfs::remove_mounted_tree(&layout.container_dir(container_id));
+    } else {
+        let killed = kill_recorded(&layout.pid_dir());
+        tracing::info!(
+            "delete {container_id}: the pod's shim is gone; killed {killed:?}, removing {}",
+            pod_dir.display()
+        );
+        rootfs::remove_mounted_tree(&pod_dir);
+    }
+    let _ = std::fs::remove_file(bundle.join(POD_DIR_FILE));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cleanup_kills_the_recorded_vm_and_removes_the_pod_dir() {
+        let tmp = tempfile::tempdir().unwrap();
+        let bundle = tmp.path().join("bundle");
+        std::fs::create_dir_all(&bundle).unwrap();
+        let layout = PodLayout {
+            dir: tmp.path().join("state/ns/pod"),
+            log_file: tmp.path().join("pod.log"),
+        };
+        std::fs::create_dir_all(layout.pid_dir()).unwrap();
+        std::fs::create_dir_all(layout.container_dir("c1")).unwrap();
+        std::fs::write(layout.agent_socket(), "").unwrap();
+        let mut vmm = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let start = process_start_time(vmm.id()).unwrap();
+        std::fs::write(
+            layout.pid_dir().join("qemu"),
+            format!("{} {start}", vmm.id()),
+        )
+        .unwrap();
+        // The shim that recorded itself is dead: a pid that is not running.
+        std::fs::write(layout.dir.join(SHIM_PID_FILE), "4194303 1").unwrap();
+        std::fs::write(bundle.join(POD_DIR_FILE), layout.dir.to_str().unwrap()).unwrap();
+
+        let reaper = std::thread::spawn(move || vmm.wait().unwrap());
+        cleanup_after_dead_shim(&bundle, "c1");
+        assert!(!reaper.join().unwrap().success(), "the VMM was killed");
+        assert!(!layout.dir.exists());
+        assert!(!bundle.join(POD_DIR_FILE).exists());
+        // A second delete finds nothing and does not fail.
+        cleanup_after_dead_shim(&bundle, "c1");
+    }
+
+    #[test]
+    fn cleanup_with_a_live_shim_removes_only_the_container() {
+        let tmp = tempfile::tempdir().unwrap();
+        let bundle = tmp.path().join("bundle");
+        std::fs::create_dir_all(&bundle).unwrap();
+        let layout = PodLayout {
+            dir: tmp.path().join("state/ns/pod"),
+            log_file: tmp.path().join("pod.log"),
+        };
+        std::fs::create_dir_all(layout.container_dir("c1")).unwrap();
+        std::fs::create_dir_all(layout.container_dir("c2")).unwrap();
+        // A live "shim": another process.
+        let mut shim = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let start = process_start_time(shim.id()).unwrap();
+        std::fs::write(
+            layout.dir.join(SHIM_PID_FILE),
+            format!("{} {start}", shim.id()),
+        )
+        .unwrap();
+        std::fs::write(bundle.join(POD_DIR_FILE), layout.dir.to_str().unwrap()).unwrap();
+        cleanup_after_dead_shim(&bundle, "c1");
+        assert!(!layout.container_dir("c1").exists());
+        assert!(layout.container_dir("c2").exists());
+        shim.kill().unwrap();
+        shim.wait().unwrap();
+    }
+}

@@ -1,0 +1,263 @@
+//! A private containerd (Debian's 1.6) for end-to-end tests: its own root,
+//! state and sockets under a temp dir, the CRI plugin off, and a PATH that
+//! finds our shim first. Dropping it removes every task and container it
+//! knows, stops it, unmounts what is left under its dir and removes it.
+
+use crate::harness::{run_with_timeout, Finished, TempDir};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const CONTAINERD: &str = "containerd";
+pub const CTR: &str = "ctr";
+pub const NAMESPACE: &str = "microvm-test";
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Finds `name` in PATH.
+pub fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
+pub struct Containerd {
+    pub dir: TempDir,
+    pub socket: PathBuf,
+    child: Option<Child>,
+}
+
+impl Containerd {
+    /// Starts containerd with `bin_dir` first in its PATH (where the shim
+    /// binary is linked), and `env` added to its environment (shims
+    /// inherit it).
+    pub fn start(tag: &str, bin_dir: &Path, env: &[(&str, &str)]) -> Result<Self, String> {
+        let dir = TempDir::new(tag);
+        let socket = dir.join("c.sock");
+        let config = dir.join("containerd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs", "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
+
+[grpc]
+  address = "{socket}"
+
+[ttrpc]
+  address = "{socket}.ttrpc"
+"#,
+                root = dir.join("root").display(),
+                state = dir.join("state").display(),
+                socket = socket.display(),
+            ),
+        )
+        .map_err(|err| format!("writing {}: {err}", config.display()))?;
+        let log = std::fs::File::create(dir.join("containerd.log"))
+            .map_err(|err| format!("containerd log: {err}"))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|err| format!("containerd log: {err}"))?;
+        let path = match std::env::var_os("PATH") {
+            Some(path) => {
+                let mut joined = bin_dir.as_os_str().to_owned();
+                joined.push(":");
+                joined.push(path);
+                joined
+            }
+            None => bin_dir.as_os_str().to_owned(),
+        };
+        let mut command = Command::new(CONTAINERD);
+        command
+            .arg("--config")
+            .arg(&config)
+            .env("PATH", path)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let child = command.spawn().map_err(|err| {
+            format!("cannot start {CONTAINERD} (apt-get install containerd): {err}")
+        })?;
+        let mut containerd = Self {
+            dir,
+            socket,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if containerd.socket.exists() {
+                let version = containerd.ctr(&["version"], Duration::from_secs(10));
+                if matches!(&version, Ok(done) if done.status.success()) {
+                    return Ok(containerd);
+                }
+            }
+            if let Some(child) = containerd.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(format!(
+                        "containerd exited ({status}) at start:\n{}",
+                        containerd.log()
+                    ));
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "containerd did not answer within {START_TIMEOUT:?}:\n{}",
+                    containerd.log()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The `ctr` command for this containerd and the test namespace.
+    pub fn ctr_command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(CTR);
+        command
+            .arg("--address")
+            .arg(&self.socket)
+            .arg("--namespace")
+            .arg(NAMESPACE)
+            .args(args);
+        command
+    }
+
+    pub fn ctr(&self, args: &[&str], timeout: Duration) -> Result<Finished, String> {
+        run_with_timeout(&mut self.ctr_command(args), timeout)
+    }
+
+    /// Runs ctr and fails with its output unless it exits 0.
+    pub fn ctr_ok(&self, args: &[&str], timeout: Duration) -> Result<Finished, String> {
+        let done = self.ctr(args, timeout)?;
+        if done.status.success() {
+            Ok(done)
+        } else {
+            Err(format!(
+                "ctr {args:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+                done.status, done.stdout, done.stderr
+            ))
+        }
+    }
+
+    pub fn import(&self, archive: &Path) -> Result<(), String> {
+        let path = archive.to_string_lossy().into_owned();
+        self.ctr_ok(&["images", "import", &path], Duration::from_secs(60))
+            .map(|_| ())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
+    }
+
+    /// Ids listed by `ctr <what> ls -q`.
+    pub fn list(&self, what: &str) -> Vec<String> {
+        self.ctr(&[what, "ls", "-q"], Duration::from_secs(10))
+            .map(|done| {
+                done.stdout
+                    .lines()
+                    .map(str::trim)
+                    .filter(|line| !line.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Kills and deletes every task, deletes every container.
+    pub fn remove_all(&self) {
+        let deadline = Instant::now() + CLEANUP_TIMEOUT;
+        for task in self.list("tasks") {
+            let _ = self.ctr(
+                &["tasks", "kill", "-a", "-s", "SIGKILL", &task],
+                Duration::from_secs(10),
+            );
+            while Instant::now() < deadline {
+                let deleted = self.ctr(&["tasks", "delete", "-f", &task], Duration::from_secs(30));
+                if matches!(&deleted, Ok(done) if done.status.success())
+                    || !self.list("tasks").contains(&task)
+                {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        for container in self.list("containers") {
+            let _ = self.ctr(
+                &["containers", "delete", &container],
+                Duration::from_secs(30),
+            );
+        }
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        self.remove_all();
+        if let Some(mut child) = self.child.take() {
+            if let Ok(raw) = i32::try_from(child.id()) {
+                // SIGTERM first: containerd unmounts and closes cleanly.
+                let _ = nix_kill(raw, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for point in mounts_under(self.dir.path()) {
+            let _ = Command::new("umount").arg("-l").arg(&point).status();
+        }
+    }
+}
+
+fn nix_kill(pid: i32, signal: i32) -> std::io::Result<()> {
+    // SAFETY: kill(2) with plain integers; `pid` is our own child.
+    if unsafe { libc::kill(pid, signal) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Mount points at or below `dir` (deepest first).
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(4))
+        .map(|field| PathBuf::from(field.replace("\\040", " ")))
+        .filter(|point| point.starts_with(dir))
+        .collect();
+    points.sort_by_key(|point| std::cmp::Reverse(point.as_os_str().len()));
+    points
+}
+
+/// Pids of processes whose command line contains `needle`.
+pub fn pids_matching(needle: &str) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(needle) && pid != std::process::id() {
+            found.push((pid, cmdline));
+        }
+    }
+    found
+}
