@@ -1,4 +1,5 @@
 pub mod agent;
+pub mod agent_qemu;
 pub mod containerd;
 pub mod harness;
 pub mod oci_image;
