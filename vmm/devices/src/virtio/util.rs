@@ -235,6 +235,88 @@ impl QueueEventSet {
     }
 }
 
+/// The activation plumbing every device shares (see the module docs of
+/// `virtio`): the activate event that wakes the event loop, the queue events
+/// it (re)registers there, and the state that exists only while the driver
+/// runs the device.
+pub struct Activation<S> {
+    event: EventFd,
+    queue_events: QueueEventSet,
+    state: Option<S>,
+}
+
+impl<S> Activation<S> {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            event: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?,
+            queue_events: QueueEventSet::default(),
+            state: None,
+        })
+    }
+
+    /// Called from `VirtioDevice::activate` (vCPU thread): stores the state
+    /// and asks the event loop to register `queue_events`.
+    pub fn activate(
+        &mut self,
+        queue_events: Vec<EventFd>,
+        state: S,
+    ) -> Result<(), super::ActivateError> {
+        if self.state.is_some() {
+            return Err(super::ActivateError::AlreadyActive);
+        }
+        self.event
+            .write(1)
+            .map_err(super::ActivateError::ActivateEvent)?;
+        self.queue_events.stage(queue_events);
+        self.state = Some(state);
+        Ok(())
+    }
+
+    /// Called from `VirtioDevice::reset`: drops the state; the event loop
+    /// unregisters the queue events when it sees the activate event.
+    pub fn reset(&mut self, device: &str) {
+        self.state = None;
+        self.queue_events.stage(Vec::new());
+        if let Err(e) = self.event.write(1) {
+            tracing::error!(error = %e, "{device}: failed to signal reset to the event loop");
+        }
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.state.is_some()
+    }
+
+    pub fn state_mut(&mut self) -> Option<&mut S> {
+        self.state.as_mut()
+    }
+
+    /// For `MutEventSubscriber::init`: watch the activate event with `data`.
+    pub fn register(&self, ops: &mut EventOps, data: u32) -> Result<(), event_manager::Error> {
+        ops.add(Events::with_data(&self.event, data, EventSet::IN))
+    }
+
+    /// On the activate event: (re)registers the queue events, queue `i` with
+    /// epoll data `queue_data_base + i`.
+    pub fn on_activate_event(
+        &mut self,
+        ops: &mut EventOps,
+        queue_data_base: u32,
+    ) -> Result<(), event_manager::Error> {
+        // EAGAIN only means another wake-up already consumed the count.
+        let _ = self.event.read();
+        self.queue_events.apply(ops, queue_data_base)
+    }
+
+    /// Consumes a pending notification of queue `index`.
+    pub fn consume_queue_event(&self, index: usize) {
+        self.queue_events.consume(index);
+    }
+
+    pub fn registered_queue_events(&self) -> usize {
+        self.queue_events.registered_len()
+    }
+}
+
 /// Lets one message through per interval and counts the rest, so a hostile
 /// guest cannot flood the host log. One limiter per call site (see
 /// [`guest_warn!`]).

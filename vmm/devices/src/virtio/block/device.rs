@@ -6,7 +6,7 @@ use super::metrics::BlockMetrics;
 use super::request::{self, Disk, DiskBackend, RequestError, RequestType, ID_BYTES, IO_CHUNK};
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError};
 use crate::virtio::util::{
-    chain_shape, drain_queue_with, read_config_bytes, signal_used, ChainVerdict, QueueEventSet,
+    chain_shape, drain_queue_with, read_config_bytes, signal_used, Activation, ChainVerdict,
 };
 use crate::virtio::{
     ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt, TYPE_BLOCK, VIRTIO_F_VERSION_1,
@@ -21,7 +21,6 @@ use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
 };
 use virtio_queue::Queue;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub const BLOCK_QUEUE_SIZE: u16 = 256;
 /// Data segments per request we tell the driver it may use (two descriptors
@@ -75,9 +74,7 @@ pub struct Block {
     avail_features: u64,
     acked_features: u64,
     config_space: [u8; 16],
-    pub(super) activate_evt: EventFd,
-    pub(super) active: Option<ActiveState>,
-    pub(super) queue_events: QueueEventSet,
+    pub(super) activation: Activation<ActiveState>,
     pub(super) metrics: BlockMetrics,
     pub(super) rate_limiter: RateLimiter,
     io_buf: Vec<u8>,
@@ -148,9 +145,7 @@ impl Block {
             avail_features,
             acked_features: 0,
             config_space,
-            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?,
-            active: None,
-            queue_events: QueueEventSet::default(),
+            activation: Activation::new().map_err(BlockError::EventFd)?,
             metrics: BlockMetrics::default(),
             rate_limiter: RateLimiter::unlimited(),
             io_buf: vec![0; IO_CHUNK],
@@ -167,7 +162,7 @@ impl Block {
 
     /// Runs every pending request and signals the guest if it wants to know.
     pub(super) fn process_queue(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.activation.state_mut() else {
             return;
         };
         let disk = &mut self.disk;
@@ -258,37 +253,25 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
         let got = ctx.queues.len();
         let (Some(queue), 1) = (ctx.queues.into_iter().next(), got) else {
             return Err(ActivateError::QueueCount { expected: 1, got });
         };
-        self.activate_evt
-            .write(1)
-            .map_err(ActivateError::ActivateEvent)?;
-        self.queue_events.stage(ctx.queue_events);
-        self.active = Some(ActiveState {
+        let state = ActiveState {
             mem: ctx.mem,
             queue,
             interrupt: ctx.interrupt,
-        });
-        Ok(())
+        };
+        self.activation.activate(ctx.queue_events, state)
     }
 
     fn is_activated(&self) -> bool {
-        self.active.is_some()
+        self.activation.is_active()
     }
 
     fn reset(&mut self) -> bool {
-        self.active = None;
+        self.activation.reset("virtio-blk");
         self.acked_features = 0;
-        // The event loop drops the queue events when it sees this.
-        self.queue_events.stage(Vec::new());
-        if let Err(e) = self.activate_evt.write(1) {
-            tracing::error!(error = %e, "virtio-blk: failed to signal reset to the event loop");
-        }
         true
     }
 
@@ -311,6 +294,7 @@ mod tests {
         VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
     };
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     const W: u32 = VRING_DESC_F_WRITE;
 
@@ -353,7 +337,10 @@ mod tests {
         block.lock().unwrap().activate(ctx).unwrap();
         // The activate event registers the queue event.
         assert_eq!(manager.run_with_timeout(100).unwrap(), 1);
-        assert_eq!(block.lock().unwrap().queue_events.registered_len(), 1);
+        assert_eq!(
+            block.lock().unwrap().activation.registered_queue_events(),
+            1
+        );
         Harness {
             block,
             manager,
@@ -563,7 +550,10 @@ mod tests {
         assert!(h.block.lock().unwrap().reset());
         assert!(!h.block.lock().unwrap().is_activated());
         assert_eq!(h.manager.run_with_timeout(100).unwrap(), 1);
-        assert_eq!(h.block.lock().unwrap().queue_events.registered_len(), 0);
+        assert_eq!(
+            h.block.lock().unwrap().activation.registered_queue_events(),
+            0
+        );
         // A kick now reaches nobody.
         h.kick.write(1).unwrap();
         assert_eq!(h.manager.run_with_timeout(0).unwrap(), 0);
@@ -577,7 +567,10 @@ mod tests {
         h.block.lock().unwrap().activate(ctx).unwrap();
         // The activate event fires and the pending kick is seen.
         h.manager.run_with_timeout(100).unwrap();
-        assert_eq!(h.block.lock().unwrap().queue_events.registered_len(), 1);
+        assert_eq!(
+            h.block.lock().unwrap().activation.registered_queue_events(),
+            1
+        );
         header(&mem, 0x20_0000, VIRTIO_BLK_T_FLUSH, 0);
         h.tq.add_chain(&[
             RawDesc::new(0x20_0000, 16, 0),

@@ -9,9 +9,7 @@ const RATE_LIMITER: u32 = 2;
 
 impl Block {
     fn on_activate_event(&mut self, ops: &mut EventOps) {
-        // EAGAIN only means another wake-up already consumed the count.
-        let _ = self.activate_evt.read();
-        if let Err(e) = self.queue_events.apply(ops, REQUEST_QUEUE) {
+        if let Err(e) = self.activation.on_activate_event(ops, REQUEST_QUEUE) {
             self.metrics.event_errors.inc();
             tracing::error!(error = %e, "virtio-blk: failed to register the queue event");
         }
@@ -22,11 +20,7 @@ impl Block {
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(
-            &self.activate_evt,
-            ACTIVATE,
-            EventSet::IN,
-        )) {
+        if let Err(e) = self.activation.register(ops, ACTIVATE) {
             self.metrics.event_errors.inc();
             tracing::error!(error = %e, "virtio-blk: failed to register the activate event");
         }
@@ -42,7 +36,7 @@ impl MutEventSubscriber for Block {
         match events.data() {
             ACTIVATE => self.on_activate_event(ops),
             REQUEST_QUEUE => {
-                self.queue_events.consume(0);
+                self.activation.consume_queue_event(0);
                 // While throttled the timer event resumes the queue.
                 if !self.rate_limiter.is_blocked() {
                     self.process_queue();

@@ -7,7 +7,7 @@ use super::VNET_HDR_LEN;
 use crate::metrics::Counter;
 use crate::rate_limiter::RateLimiter;
 use crate::virtio::util::{
-    chain_shape, drain_queue_with, read_config_bytes, signal_used, ChainVerdict, QueueEventSet,
+    chain_shape, drain_queue_with, read_config_bytes, signal_used, Activation, ChainVerdict,
 };
 use crate::virtio::{
     ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt, TYPE_NET, VIRTIO_F_VERSION_1,
@@ -21,7 +21,6 @@ use virtio_bindings::bindings::virtio_net::{
     VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub const NET_QUEUE_SIZE: u16 = 256;
 pub const RX_QUEUE: usize = 0;
@@ -84,9 +83,7 @@ pub struct Net {
     pub(super) backend: Box<dyn NetBackend>,
     config_space: [u8; 8],
     acked_features: u64,
-    pub(super) activate_evt: EventFd,
-    pub(super) active: Option<ActiveState>,
-    pub(super) queue_events: QueueEventSet,
+    pub(super) activation: Activation<ActiveState>,
     pub(super) metrics: NetMetrics,
     /// Whether the back-end fd is in the event loop's interest list.
     pub(super) backend_registered: bool,
@@ -117,9 +114,7 @@ impl Net {
             backend,
             config_space,
             acked_features: 0,
-            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd)?,
-            active: None,
-            queue_events: QueueEventSet::default(),
+            activation: Activation::new().map_err(NetError::EventFd)?,
             metrics: NetMetrics::default(),
             backend_registered: false,
             backend_closed: false,
@@ -146,7 +141,7 @@ impl Net {
     /// Moves frames from the back-end into rx buffers until one side runs
     /// dry. A frame that finds no buffer is kept, never dropped.
     pub(super) fn process_rx(&mut self) -> RxStop {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.activation.state_mut() else {
             return RxStop::Idle;
         };
         let metrics = &self.metrics;
@@ -237,7 +232,7 @@ impl Net {
 
     /// Sends every frame the guest queued for transmission.
     pub(super) fn process_tx(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.activation.state_mut() else {
             return;
         };
         let metrics = &self.metrics;
@@ -390,42 +385,28 @@ impl VirtioDevice for Net {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
         let got = ctx.queues.len();
-        if got != 2 {
-            return Err(ActivateError::QueueCount { expected: 2, got });
-        }
         let mut queues = ctx.queues.into_iter();
-        let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
+        let (Some(rx), Some(tx), 2) = (queues.next(), queues.next(), got) else {
             return Err(ActivateError::QueueCount { expected: 2, got });
         };
-        self.activate_evt
-            .write(1)
-            .map_err(ActivateError::ActivateEvent)?;
-        self.queue_events.stage(ctx.queue_events);
-        self.active = Some(ActiveState {
+        let state = ActiveState {
             mem: ctx.mem,
             rx,
             tx,
             interrupt: ctx.interrupt,
-        });
-        Ok(())
+        };
+        self.activation.activate(ctx.queue_events, state)
     }
 
     fn is_activated(&self) -> bool {
-        self.active.is_some()
+        self.activation.is_active()
     }
 
     fn reset(&mut self) -> bool {
-        self.active = None;
+        self.activation.reset("virtio-net");
         self.acked_features = 0;
         self.rx_pending = None;
-        self.queue_events.stage(Vec::new());
-        if let Err(e) = self.activate_evt.write(1) {
-            tracing::error!(error = %e, "virtio-net: failed to signal reset to the event loop");
-        }
         true
     }
 
@@ -444,6 +425,7 @@ mod tests {
     use std::os::unix::net::UnixDatagram;
     use std::sync::Mutex;
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     const W: u32 = VRING_DESC_F_WRITE;
     const MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x2a];
@@ -838,7 +820,7 @@ mod tests {
         {
             let net = h.net.lock().unwrap();
             assert!(!net.backend_registered);
-            assert_eq!(net.queue_events.registered_len(), 0);
+            assert_eq!(net.activation.registered_queue_events(), 0);
         }
         // A frame arriving now is not read (nobody polls).
         h.peer.send(&frame(10, 0)).unwrap();

@@ -18,7 +18,7 @@ const TX_LIMITER: u32 = 102;
 
 impl Net {
     fn set_backend_interest(&mut self, ops: &mut EventOps, wanted: bool) {
-        let wanted = wanted && self.active.is_some() && !self.backend_closed;
+        let wanted = wanted && self.activation.is_active() && !self.backend_closed;
         if wanted == self.backend_registered {
             return;
         }
@@ -43,9 +43,7 @@ impl Net {
     }
 
     fn on_activate_event(&mut self, ops: &mut EventOps) {
-        // EAGAIN only means another wake-up already consumed the count.
-        let _ = self.activate_evt.read();
-        if let Err(e) = self.queue_events.apply(ops, QUEUE_BASE) {
+        if let Err(e) = self.activation.on_activate_event(ops, QUEUE_BASE) {
             self.metrics.event_errors.inc();
             tracing::error!(error = %e, "virtio-net: failed to register queue events");
         }
@@ -57,11 +55,7 @@ impl Net {
 
 impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(
-            &self.activate_evt,
-            ACTIVATE,
-            EventSet::IN,
-        )) {
+        if let Err(e) = self.activation.register(ops, ACTIVATE) {
             self.metrics.event_errors.inc();
             tracing::error!(error = %e, "virtio-net: failed to register the activate event");
         }
@@ -82,11 +76,11 @@ impl MutEventSubscriber for Net {
         match events.data() {
             ACTIVATE => self.on_activate_event(ops),
             RX_EVENT => {
-                self.queue_events.consume(RX_QUEUE);
+                self.activation.consume_queue_event(RX_QUEUE);
                 self.run_rx(ops);
             }
             TX_EVENT => {
-                self.queue_events.consume(TX_QUEUE);
+                self.activation.consume_queue_event(TX_QUEUE);
                 // While throttled the timer event resumes tx.
                 if !self.tx_limiter.is_blocked() {
                     self.process_tx();

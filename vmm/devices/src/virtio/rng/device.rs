@@ -2,7 +2,7 @@
 //! with random bytes.
 
 use crate::metrics::Counter;
-use crate::virtio::util::{chain_shape, drain_queue, signal_used, QueueEventSet};
+use crate::virtio::util::{chain_shape, drain_queue, signal_used, Activation};
 use crate::virtio::{
     ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt, TYPE_RNG, VIRTIO_F_VERSION_1,
 };
@@ -12,7 +12,6 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::sync::Arc;
 use virtio_queue::{DescriptorChain, Queue, Writer};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub const RNG_QUEUE_SIZE: u16 = 256;
 /// Upper bound on bytes given per request, so the buffer we fill from is
@@ -50,7 +49,7 @@ pub struct RngMetrics {
     pub event_errors: Counter,
 }
 
-struct ActiveState {
+pub(super) struct ActiveState {
     mem: GuestMemoryMmap,
     queue: Queue,
     interrupt: Arc<VirtioInterrupt>,
@@ -59,9 +58,7 @@ struct ActiveState {
 pub struct Rng {
     source: Box<dyn EntropySource>,
     acked_features: u64,
-    pub(super) activate_evt: EventFd,
-    active: Option<ActiveState>,
-    pub(super) queue_events: QueueEventSet,
+    pub(super) activation: Activation<ActiveState>,
     pub(super) metrics: RngMetrics,
     buf: Vec<u8>,
 }
@@ -77,16 +74,14 @@ impl Rng {
         Ok(Self {
             source,
             acked_features: 0,
-            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(RngError::EventFd)?,
-            active: None,
-            queue_events: QueueEventSet::default(),
+            activation: Activation::new().map_err(RngError::EventFd)?,
             metrics: RngMetrics::default(),
             buf: vec![0; MAX_BYTES_PER_REQUEST],
         })
     }
 
     pub(super) fn process_queue(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.activation.state_mut() else {
             return;
         };
         let source = &mut self.source;
@@ -184,36 +179,25 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
         let got = ctx.queues.len();
         let (Some(queue), 1) = (ctx.queues.into_iter().next(), got) else {
             return Err(ActivateError::QueueCount { expected: 1, got });
         };
-        self.activate_evt
-            .write(1)
-            .map_err(ActivateError::ActivateEvent)?;
-        self.queue_events.stage(ctx.queue_events);
-        self.active = Some(ActiveState {
+        let state = ActiveState {
             mem: ctx.mem,
             queue,
             interrupt: ctx.interrupt,
-        });
-        Ok(())
+        };
+        self.activation.activate(ctx.queue_events, state)
     }
 
     fn is_activated(&self) -> bool {
-        self.active.is_some()
+        self.activation.is_active()
     }
 
     fn reset(&mut self) -> bool {
-        self.active = None;
+        self.activation.reset("virtio-rng");
         self.acked_features = 0;
-        self.queue_events.stage(Vec::new());
-        if let Err(e) = self.activate_evt.write(1) {
-            tracing::error!(error = %e, "virtio-rng: failed to signal reset to the event loop");
-        }
         true
     }
 
@@ -230,6 +214,7 @@ mod tests {
     use event_manager::{EventManager, SubscriberOps};
     use std::sync::Mutex;
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     const W: u32 = VRING_DESC_F_WRITE;
 

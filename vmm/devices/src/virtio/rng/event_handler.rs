@@ -1,18 +1,14 @@
 //! Event-loop glue: the activate event and the request-queue event.
 
 use super::device::Rng;
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::{EventOps, Events, MutEventSubscriber};
 
 const ACTIVATE: u32 = 0;
 const REQUEST_QUEUE: u32 = 1;
 
 impl MutEventSubscriber for Rng {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(
-            &self.activate_evt,
-            ACTIVATE,
-            EventSet::IN,
-        )) {
+        if let Err(e) = self.activation.register(ops, ACTIVATE) {
             self.metrics.event_errors.inc();
             tracing::error!(error = %e, "virtio-rng: failed to register the activate event");
         }
@@ -21,16 +17,14 @@ impl MutEventSubscriber for Rng {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
             ACTIVATE => {
-                // EAGAIN only means another wake-up already consumed the count.
-                let _ = self.activate_evt.read();
-                if let Err(e) = self.queue_events.apply(ops, REQUEST_QUEUE) {
+                if let Err(e) = self.activation.on_activate_event(ops, REQUEST_QUEUE) {
                     self.metrics.event_errors.inc();
                     tracing::error!(error = %e, "virtio-rng: failed to register the queue event");
                 }
                 self.process_queue();
             }
             REQUEST_QUEUE => {
-                self.queue_events.consume(0);
+                self.activation.consume_queue_event(0);
                 self.process_queue();
             }
             other => tracing::error!(data = other, "virtio-rng: event from an unknown source"),
