@@ -22,3 +22,7 @@ if ((${#missing[@]})); then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# containerd, runc and the vhost-user back-ends (vhost-device-vsock,
+# virtiofsd) for the shim's qemu backend and its end-to-end tests.
+"$(dirname "$0")/../shim/scripts/install-backends.sh"

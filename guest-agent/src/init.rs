@@ -113,16 +113,30 @@ pub fn setup() -> Option<VmmPorts> {
     ports
 }
 
+/// The kernel's own switch-root move: bind "/" at a staging directory,
+/// step into it, move it over "/" and chroot there. A lookup of "/" never
+/// crosses a mount on top of the root, so binding "/" onto itself alone
+/// would not do.
 fn make_root_pivotable() -> nix::Result<()> {
+    const STAGING: &str = "/.agent-root";
+    match nix::unistd::mkdir(STAGING, nix::sys::stat::Mode::from_bits_truncate(0o700)) {
+        Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+        Err(errno) => return Err(errno),
+    }
     nix::mount::mount(
         Some("/"),
-        "/",
+        STAGING,
         None::<&str>,
         MsFlags::MS_BIND | MsFlags::MS_REC,
         None::<&str>,
     )?;
+    nix::unistd::chdir(STAGING)?;
+    nix::mount::mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)?;
+    nix::unistd::chroot(".")?;
     nix::unistd::chdir("/")?;
-    nix::unistd::chroot(".")
+    // The staging directory shows up inside the new root too; it is empty.
+    let _ = std::fs::remove_dir(STAGING);
+    Ok(())
 }
 
 fn mount_early(early: &EarlyMount) -> std::io::Result<()> {

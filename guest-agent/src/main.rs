@@ -8,13 +8,13 @@
 use anyhow::Context;
 use clap::Parser;
 use microvm_agent::events::EventBus;
+use microvm_agent::init;
 use microvm_agent::network::Network;
 use microvm_agent::runtime::Runtime;
 use microvm_agent::sandbox::Sandbox;
 use microvm_agent::server::{self, AgentState, Listen};
 use microvm_agent::spawn::Reaper;
 use microvm_agent::storage::Storage;
-use microvm_agent::{init, vmm_ports::VmmPorts};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -95,14 +95,10 @@ fn main() -> ExitCode {
         }
     };
     if pid1 {
-        power_off(ports.as_ref())
+        init::power_off(ports.as_ref())
     } else {
         code
     }
-}
-
-fn power_off(ports: Option<&VmmPorts>) -> ExitCode {
-    init::power_off(ports)
 }
 
 fn init_logging(filter: Option<&str>, pid1: bool) {

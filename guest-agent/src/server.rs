@@ -71,6 +71,17 @@ fn process_ref(process: Option<api::ProcessRef>) -> Result<api::ProcessRef, Stat
     Ok(process)
 }
 
+/// Runs `work` as a task of its own: a client that goes away mid-call must
+/// not cancel a half-done create or remove (that would leave a cgroup or a
+/// process behind); the result then just has no one to go to.
+async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, Status>> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::spawn(work)
+        .await
+        .map_err(|err| Status::internal(format!("request task failed: {err}")))?
+}
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 #[derive(Clone)]
@@ -108,25 +119,28 @@ impl api::sandbox_server::Sandbox for Services {
         let dns = request.dns.unwrap_or_default();
         let mut sysctls: Vec<(String, String)> = request.sysctls.into_iter().collect();
         sysctls.sort();
-        let files = self
-            .0
-            .sandbox
-            .create(
-                &self.0.runtime,
-                SandboxRequest {
-                    id: request.sandbox_id,
-                    hostname: request.hostname,
-                    dns: Dns {
-                        servers: dns.servers,
-                        searches: dns.searches,
-                        options: dns.options,
+        let state = Arc::clone(&self.0);
+        let files = detached(async move {
+            state
+                .sandbox
+                .create(
+                    &state.runtime,
+                    SandboxRequest {
+                        id: request.sandbox_id,
+                        hostname: request.hostname,
+                        dns: Dns {
+                            servers: dns.servers,
+                            searches: dns.searches,
+                            options: dns.options,
+                        },
+                        sysctls,
+                        share_pid_namespace: request.share_pid_namespace,
                     },
-                    sysctls,
-                    share_pid_namespace: request.share_pid_namespace,
-                },
-            )
-            .await
-            .map_err(|err| grpc_error!(err))?;
+                )
+                .await
+                .map_err(|err| grpc_error!(err))
+        })
+        .await?;
         Ok(Response::new(api::CreateSandboxResponse {
             resolv_conf_path: files.resolv_conf.display().to_string(),
             hostname_path: files.hostname.display().to_string(),
@@ -138,11 +152,15 @@ impl api::sandbox_server::Sandbox for Services {
         &self,
         _request: Request<api::DestroySandboxRequest>,
     ) -> Result<Response<api::DestroySandboxResponse>, Status> {
-        self.0
-            .sandbox
-            .destroy(&self.0.runtime, &self.0.storage)
-            .await
-            .map_err(|err| grpc_error!(err))?;
+        let state = Arc::clone(&self.0);
+        detached(async move {
+            state
+                .sandbox
+                .destroy(&state.runtime, &state.storage)
+                .await
+                .map_err(|err| grpc_error!(err))
+        })
+        .await?;
         Ok(Response::new(api::DestroySandboxResponse {}))
     }
 
@@ -188,18 +206,21 @@ impl api::containers_server::Containers for Services {
         request: Request<api::CreateContainerRequest>,
     ) -> Result<Response<api::CreateContainerResponse>, Status> {
         let request = request.into_inner();
-        let bundle = (!request.bundle_path.is_empty()).then(|| PathBuf::from(&request.bundle_path));
-        let pid = self
-            .0
-            .runtime
-            .create(CreateRequest {
-                id: &request.container_id,
-                spec_json: &request.oci_spec_json,
-                bundle: bundle.as_deref(),
-                stdin: request.stdin,
-            })
-            .await
-            .map_err(|err| grpc_error!(err))?;
+        let runtime = Arc::clone(&self.0.runtime);
+        let pid = detached(async move {
+            let bundle =
+                (!request.bundle_path.is_empty()).then(|| PathBuf::from(&request.bundle_path));
+            runtime
+                .create(CreateRequest {
+                    id: &request.container_id,
+                    spec_json: &request.oci_spec_json,
+                    bundle: bundle.as_deref(),
+                    stdin: request.stdin,
+                })
+                .await
+                .map_err(|err| grpc_error!(err))
+        })
+        .await?;
         Ok(Response::new(api::CreateContainerResponse { pid }))
     }
 
@@ -207,11 +228,9 @@ impl api::containers_server::Containers for Services {
         &self,
         request: Request<api::StartContainerRequest>,
     ) -> Result<Response<api::StartContainerResponse>, Status> {
-        self.0
-            .runtime
-            .start(&request.into_inner().container_id)
-            .await
-            .map_err(|err| grpc_error!(err))?;
+        let runtime = Arc::clone(&self.0.runtime);
+        let id = request.into_inner().container_id;
+        detached(async move { runtime.start(&id).await.map_err(|err| grpc_error!(err)) }).await?;
         Ok(Response::new(api::StartContainerResponse {}))
     }
 
@@ -220,11 +239,14 @@ impl api::containers_server::Containers for Services {
         request: Request<api::RemoveContainerRequest>,
     ) -> Result<Response<api::RemoveContainerResponse>, Status> {
         let request = request.into_inner();
-        self.0
-            .runtime
-            .remove(&request.container_id, request.force)
-            .await
-            .map_err(|err| grpc_error!(err))?;
+        let runtime = Arc::clone(&self.0.runtime);
+        detached(async move {
+            runtime
+                .remove(&request.container_id, request.force)
+                .await
+                .map_err(|err| grpc_error!(err))
+        })
+        .await?;
         Ok(Response::new(api::RemoveContainerResponse {}))
     }
 
@@ -342,17 +364,19 @@ impl api::processes_server::Processes for Services {
     ) -> Result<Response<api::ExecProcessResponse>, Status> {
         let request = request.into_inner();
         let process = process_ref(request.process)?;
-        let pid = self
-            .0
-            .runtime
-            .exec(ExecRequest {
-                container_id: &process.container_id,
-                exec_id: &process.exec_id,
-                process_json: &request.oci_process_json,
-                stdin: request.stdin,
-            })
-            .await
-            .map_err(|err| grpc_error!(err))?;
+        let runtime = Arc::clone(&self.0.runtime);
+        let pid = detached(async move {
+            runtime
+                .exec(ExecRequest {
+                    container_id: &process.container_id,
+                    exec_id: &process.exec_id,
+                    process_json: &request.oci_process_json,
+                    stdin: request.stdin,
+                })
+                .await
+                .map_err(|err| grpc_error!(err))
+        })
+        .await?;
         Ok(Response::new(api::ExecProcessResponse { pid }))
     }
 

@@ -23,9 +23,12 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-crates=(vhost-device-vsock virtiofsd)
+# Pinned: the versions the qemu backend was tested with.
+crates=(vhost-device-vsock@0.3.0 virtiofsd@1.14.0)
 for crate in "${crates[@]}"; do
-  if ! command -v "$crate" >/dev/null 2>&1; then
+  name=${crate%@*}
+  version=${crate#*@}
+  if ! cargo install --list | grep -qx "$name v$version:"; then
     echo "install-backends: cargo install $crate"
     cargo install --locked --quiet "$crate"
   fi

@@ -174,11 +174,31 @@ pub async fn prepare_container(
                 })?;
         }
     }
+    adapt_namespaces(spec);
     let guest_container_dir = format!("{GUEST_SHARED_DIR}/{container_id}");
     if let Some(root) = spec.root_mut() {
         root.set_path(PathBuf::from(format!("{guest_container_dir}/rootfs")));
     }
     share_bind_mounts(&dir, &guest_container_dir, spec)
+}
+
+/// Namespaces for the guest: the pod's network is the VM's own, so a
+/// container never gets a network namespace of its own; and a namespace
+/// given by a host path (CRI's `/proc/<pause pid>/ns/...`) means nothing in
+/// the guest, so the container shares the VM's.
+pub fn adapt_namespaces(spec: &mut Spec) {
+    use oci_spec::runtime::LinuxNamespaceType;
+    let Some(linux) = spec.linux_mut() else {
+        return;
+    };
+    let Some(namespaces) = linux.namespaces().clone() else {
+        return;
+    };
+    let kept: Vec<_> = namespaces
+        .into_iter()
+        .filter(|ns| ns.typ() != LinuxNamespaceType::Network && ns.path().is_none())
+        .collect();
+    linux.set_namespaces(Some(kept));
 }
 
 /// Host bind mounts in the spec (CRI's /etc/hosts, resolv.conf, volumes)
@@ -234,6 +254,44 @@ mod tests {
         mounts
             .lines()
             .any(|line| line.split_whitespace().nth(4) == Some(wanted))
+    }
+
+    #[test]
+    fn network_and_host_path_namespaces_are_dropped() {
+        use oci_spec::runtime::{LinuxBuilder, LinuxNamespaceBuilder, LinuxNamespaceType};
+        let namespace = |typ, path: Option<&str>| {
+            let mut builder = LinuxNamespaceBuilder::default().typ(typ);
+            if let Some(path) = path {
+                builder = builder.path(path);
+            }
+            builder.build().unwrap()
+        };
+        let mut spec = SpecBuilder::default()
+            .linux(
+                LinuxBuilder::default()
+                    .namespaces(vec![
+                        namespace(LinuxNamespaceType::Pid, None),
+                        namespace(LinuxNamespaceType::Network, None),
+                        namespace(LinuxNamespaceType::Ipc, Some("/proc/42/ns/ipc")),
+                        namespace(LinuxNamespaceType::Mount, None),
+                    ])
+                    .build()
+                    .unwrap(),
+            )
+            .build()
+            .unwrap();
+        adapt_namespaces(&mut spec);
+        let kept: Vec<_> = spec
+            .linux()
+            .as_ref()
+            .unwrap()
+            .namespaces()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|ns| ns.typ())
+            .collect();
+        assert_eq!(kept, [LinuxNamespaceType::Pid, LinuxNamespaceType::Mount]);
     }
 
     #[test]

@@ -34,6 +34,9 @@ pub const POD_DIR_FILE: &str = "microvm-pod";
 pub const VM_DIED_EXIT_STATUS: u32 = 255;
 /// How long after a process exits its output may still be drained.
 const OUTPUT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a clean-up call to the agent (remove, signal) may take: a hung
+/// agent must not hang containerd's Delete or Kill.
+const AGENT_CLEANUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// CRI's runtime options type (`ConfigPath`).
 const CRI_RUNTIME_OPTIONS_SUFFIX: &str = "runtimeoptions.v1.Options";
 /// What CRI decodes Stats into.
@@ -416,17 +419,22 @@ impl TaskService {
     }
 
     async fn teardown_container(&self, pod: &Pod, container: &Container) {
-        let removed = pod
-            .agent
-            .containers
-            .clone()
-            .remove_container(agent_api::RemoveContainerRequest {
+        let mut containers = pod.agent.containers.clone();
+        let removed = tokio::time::timeout(
+            AGENT_CLEANUP_TIMEOUT,
+            containers.remove_container(agent_api::RemoveContainerRequest {
                 container_id: container.id.clone(),
                 force: true,
-            })
-            .await;
-        if let Err(err) = removed {
-            tracing::debug!("agent RemoveContainer {}: {err}", container.id);
+            }),
+        )
+        .await;
+        match removed {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => tracing::debug!("agent RemoveContainer {}: {err}", container.id),
+            Err(_) => tracing::error!(
+                "agent RemoveContainer {} did not answer within {AGENT_CLEANUP_TIMEOUT:?}",
+                container.id
+            ),
         }
         for process in container.all_processes() {
             stdio::release_stdin_fifo(&process.stdio.stdin);
@@ -680,15 +688,20 @@ impl Task for TaskService {
         let process = container.process(&req.exec_id)?;
         process.check(Op::Kill).map_err(transition_error)?;
         let pod = self.pod().await?;
-        pod.agent
-            .processes
-            .clone()
-            .signal_process(agent_api::SignalProcessRequest {
-                process: Some(process_ref(&req.id, &req.exec_id)),
-                signal: req.signal,
-                all: req.all,
-            })
+        let mut processes = pod.agent.processes.clone();
+        let signalled = processes.signal_process(agent_api::SignalProcessRequest {
+            process: Some(process_ref(&req.id, &req.exec_id)),
+            signal: req.signal,
+            all: req.all,
+        });
+        tokio::time::timeout(AGENT_CLEANUP_TIMEOUT, signalled)
             .await
+            .map_err(|_| {
+                status(
+                    ttrpc::Code::DEADLINE_EXCEEDED,
+                    format!("agent SignalProcess did not answer within {AGENT_CLEANUP_TIMEOUT:?}"),
+                )
+            })?
             .map_err(|err| agent_error("agent SignalProcess", err))?;
         // A created process killed before start exits too: Wait must see it.
         if process.status() == Status::Created {

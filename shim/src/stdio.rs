@@ -148,13 +148,20 @@ pub fn copy_stdin(agent: &AgentClient, process: api::ProcessRef, path: String) -
     }
     let mut processes = agent.processes.clone();
     tokio::spawn(async move {
+        let mut chunks = ReceiverStream::new(chunks_rx);
+        // No RPC until there is input (or EOF): most FIFOs never see a
+        // writer (`ctr run` without -i), and an idle stream would hold
+        // agent resources for the process's whole life.
+        let Some(first_chunk) = chunks.next().await else {
+            return;
+        };
         let first = api::StdinChunk {
             process: Some(process.clone()),
-            data: Bytes::new(),
-            close_stdin: false,
+            close_stdin: first_chunk.is_none(),
+            data: first_chunk.unwrap_or_default(),
         };
         // The receiver ends when the reader thread does, after EOF.
-        let rest = ReceiverStream::new(chunks_rx).map(|chunk| api::StdinChunk {
+        let rest = chunks.map(|chunk| api::StdinChunk {
             process: None,
             close_stdin: chunk.is_none(),
             data: chunk.unwrap_or_default(),

@@ -136,7 +136,10 @@ impl AgentUnderTest {
         let run_dir = dir.join("run");
         let log = dir.join("agent.log");
         let log_file = std::fs::File::create(&log).expect("create the agent log");
-        let agent = harness::binary("microvm-agent");
+        // MICROVM_AGENT_BIN runs another build (e.g. the static guest one).
+        let agent = std::env::var_os("MICROVM_AGENT_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| harness::binary("microvm-agent"));
         let child = Command::new("unshare")
             .args([
                 "--mount",

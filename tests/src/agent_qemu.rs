@@ -11,6 +11,7 @@ use crate::harness::TempDir;
 use hyper_util::rt::TokioIo;
 use microvm_guest_image::initramfs::{self, Entry, EntryKind};
 use microvm_guest_image::{kernel, qemu_cmdline};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -52,12 +53,20 @@ pub fn missing_tools() -> Option<String> {
 
 /// The busybox rootfs as initramfs entries under `prefix`.
 fn rootfs_entries(prefix: &str) -> Result<Vec<Entry>, String> {
-    let busybox = std::fs::read(crate::rootfs::BUSYBOX).map_err(|err| format!("read busybox: {err}"))?;
+    let busybox =
+        std::fs::read(crate::rootfs::BUSYBOX).map_err(|err| format!("read busybox: {err}"))?;
     let mut entries = vec![Entry::dir(prefix, 0o755)];
     for dir in ["bin", "dev", "etc", "proc", "root", "run", "sys", "tmp"] {
-        entries.push(Entry::dir(&format!("{prefix}/{dir}"), if dir == "tmp" { 0o1777 } else { 0o755 }));
+        entries.push(Entry::dir(
+            &format!("{prefix}/{dir}"),
+            if dir == "tmp" { 0o1777 } else { 0o755 },
+        ));
     }
-    entries.push(Entry::file(&format!("{prefix}/bin/busybox"), 0o755, busybox));
+    entries.push(Entry::file(
+        &format!("{prefix}/bin/busybox"),
+        0o755,
+        busybox,
+    ));
     for applet in crate::rootfs::applets().map_err(|err| err.to_string())? {
         if applet == "busybox" {
             continue;
@@ -86,9 +95,25 @@ impl Drop for Helper {
     }
 }
 
+/// The child dies with the thread that started it, even when the test
+/// process is killed before its guards run.
+fn die_with_parent(command: &mut Command) -> &mut Command {
+    // SAFETY: the closure runs in the forked child before exec and only
+    // calls prctl(), which is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        })
+    }
+}
+
 fn spawn_helper(command: &mut Command, log: &Path) -> Result<Helper, String> {
     let log_file = std::fs::File::create(log).map_err(|err| err.to_string())?;
-    let child = command
+    let child = die_with_parent(command)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log_file)
@@ -126,7 +151,8 @@ impl GuestAgent {
 
         let shared_rootfs = dir.join("shared-rootfs");
         crate::rootfs::build_busybox_rootfs(&shared_rootfs).map_err(|err| err.to_string())?;
-        std::fs::write(shared_rootfs.join("etc/shared-marker"), "virtio-fs\n").map_err(|err| err.to_string())?;
+        std::fs::write(shared_rootfs.join("etc/shared-marker"), "virtio-fs\n")
+            .map_err(|err| err.to_string())?;
 
         let vhost_socket = dir.join("vhu.sock");
         let vsock_uds = dir.join("vm.vsock");
@@ -156,7 +182,8 @@ impl GuestAgent {
             }
         }
         let console = dir.join("console.log");
-        let qemu = Command::new(find_tool("qemu-system-x86_64").ok_or("qemu not found")?)
+        let mut qemu = Command::new(find_tool("qemu-system-x86_64").ok_or("qemu not found")?);
+        let qemu = die_with_parent(&mut qemu)
             .args([
                 "-M",
                 "microvm,acpi=off,x-option-roms=off,isa-serial=on,rtc=off,memory-backend=mem",
@@ -181,14 +208,19 @@ impl GuestAgent {
             .arg("-initrd")
             .arg(&initrd)
             .arg("-append")
-            .arg(format!("{} microvm_agent_log=info", qemu_cmdline()))
+            .arg(format!(
+                "{} microvm_agent_log=microvm_agent=debug",
+                qemu_cmdline()
+            ))
             .arg("-chardev")
             .arg(format!("socket,id=vsock0,path={}", vhost_socket.display()))
             .args(["-device", "vhost-user-vsock-device,chardev=vsock0"])
             .arg("-chardev")
             .arg(format!("socket,id=fs0,path={}", fs_socket.display()))
             .arg("-device")
-            .arg(format!("vhost-user-fs-device,chardev=fs0,tag={VIRTIOFS_TAG}"))
+            .arg(format!(
+                "vhost-user-fs-device,chardev=fs0,tag={VIRTIOFS_TAG}"
+            ))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("qemu.log")).map_err(|err| err.to_string())?)
@@ -262,7 +294,10 @@ impl GuestAgent {
                 }
             }
             if Instant::now() >= deadline {
-                return Err(format!("the agent did not answer Check\n{}", self.diagnostics()));
+                return Err(format!(
+                    "the agent did not answer Check\n{}",
+                    self.diagnostics()
+                ));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -292,9 +327,14 @@ impl Drop for GuestAgent {
 }
 
 /// Firecracker-style hybrid vsock: "CONNECT <port>\n", then "OK <n>\n".
-pub async fn connect_hybrid_vsock(uds: &Path, port: u32) -> std::io::Result<tokio::net::UnixStream> {
+pub async fn connect_hybrid_vsock(
+    uds: &Path,
+    port: u32,
+) -> std::io::Result<tokio::net::UnixStream> {
     let mut stream = tokio::net::UnixStream::connect(uds).await?;
-    stream.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .await?;
     let mut line = Vec::new();
     loop {
         let mut byte = [0u8; 1];

@@ -213,6 +213,16 @@ impl Drop for Containerd {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // A shim that outlived containerd (a test that failed half way):
+        // its VM processes die with it (parent-death signal).
+        let socket = self.socket.to_string_lossy().into_owned();
+        for (pid, cmdline) in pids_matching(&socket) {
+            if cmdline.contains("containerd-shim") {
+                if let Ok(raw) = i32::try_from(pid) {
+                    let _ = nix_kill(raw, libc::SIGKILL);
+                }
+            }
+        }
         for point in mounts_under(self.dir.path()) {
             let _ = Command::new("umount").arg("-l").arg(&point).status();
         }

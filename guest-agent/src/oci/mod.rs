@@ -233,31 +233,24 @@ pub fn container_setup(
     let spec_devices = linux.devices().clone().unwrap_or_default();
     let mut devices = Vec::new();
     if has_dev_mount {
-        for (path, kind, major, minor, mode) in mounts::default_devices() {
+        for device in mounts::default_devices() {
             if spec_devices
                 .iter()
-                .any(|device| device.path() == Path::new(&path))
+                .any(|spec_device| spec_device.path() == device.path())
             {
                 continue;
             }
-            devices.push(mounts::device_node(
-                devices.len(),
-                &rootfs_path,
-                Path::new(&path),
-                kind,
-                major,
-                minor,
-                mode,
-                (0, 0),
-            )?);
-            labels.devices.push(format!("device {path}"));
+            devices.push(mounts::device_node(devices.len(), &rootfs_path, &device)?);
+            labels
+                .devices
+                .push(format!("device {}", device.path().display()));
         }
     }
     for (index, device) in spec_devices.iter().enumerate() {
         if device.typ() == LinuxDeviceType::A {
             continue;
         }
-        devices.push(mounts::spec_device(index, &rootfs_path, device)?);
+        devices.push(mounts::device_node(index, &rootfs_path, device)?);
         labels
             .devices
             .push(format!("device {}", device.path().display()));

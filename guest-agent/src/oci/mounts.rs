@@ -3,7 +3,7 @@
 
 use super::SpecError;
 use crate::spawn::plan::{c_string, DeviceNode, MountStep};
-use oci_spec::runtime::{LinuxDevice, LinuxDeviceType, Mount};
+use oci_spec::runtime::{LinuxDevice, LinuxDeviceBuilder, LinuxDeviceType, Mount};
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
@@ -316,29 +316,37 @@ pub fn mount_step(
 }
 
 /// The devices every container gets, as runc creates them.
-pub fn default_devices() -> Vec<(String, LinuxDeviceType, i64, i64, u32)> {
-    vec![
-        ("/dev/null".into(), LinuxDeviceType::C, 1, 3, 0o666),
-        ("/dev/zero".into(), LinuxDeviceType::C, 1, 5, 0o666),
-        ("/dev/full".into(), LinuxDeviceType::C, 1, 7, 0o666),
-        ("/dev/tty".into(), LinuxDeviceType::C, 5, 0, 0o666),
-        ("/dev/random".into(), LinuxDeviceType::C, 1, 8, 0o666),
-        ("/dev/urandom".into(), LinuxDeviceType::C, 1, 9, 0o666),
+pub fn default_devices() -> Vec<LinuxDevice> {
+    [
+        ("/dev/null", 1, 3),
+        ("/dev/zero", 1, 5),
+        ("/dev/full", 1, 7),
+        ("/dev/tty", 5, 0),
+        ("/dev/random", 1, 8),
+        ("/dev/urandom", 1, 9),
     ]
+    .into_iter()
+    .filter_map(|(path, major, minor)| {
+        LinuxDeviceBuilder::default()
+            .path(path)
+            .typ(LinuxDeviceType::C)
+            .major(major)
+            .minor(minor)
+            .file_mode(0o666u32)
+            .build()
+            .ok()
+    })
+    .collect()
 }
 
+/// A device node to create for `device` (from the spec or the defaults).
 pub fn device_node(
     index: usize,
     root: &Path,
-    path: &Path,
-    kind: LinuxDeviceType,
-    major: i64,
-    minor: i64,
-    file_mode: u32,
-    owner: (u32, u32),
+    device: &LinuxDevice,
 ) -> Result<DeviceNode, SpecError> {
     let field = format!("linux.devices[{index}]");
-    let file_type = match kind {
+    let file_type = match device.typ() {
         LinuxDeviceType::C | LinuxDeviceType::U => libc::S_IFCHR,
         LinuxDeviceType::B => libc::S_IFBLK,
         LinuxDeviceType::P => libc::S_IFIFO,
@@ -349,16 +357,22 @@ pub fn device_node(
             })
         }
     };
+    let path = device.path();
     if !path.starts_with("/dev") {
         return Err(SpecError::InvalidValue {
             field: format!("{field}.path"),
             reason: format!("{} is not under /dev", path.display()),
         });
     }
-    let (Ok(major), Ok(minor)) = (u32::try_from(major), u32::try_from(minor)) else {
+    let (Ok(major), Ok(minor)) = (u32::try_from(device.major()), u32::try_from(device.minor()))
+    else {
         return Err(SpecError::InvalidValue {
             field,
-            reason: format!("device number {major}:{minor} is out of range"),
+            reason: format!(
+                "device number {}:{} is out of range",
+                device.major(),
+                device.minor()
+            ),
         });
     };
     let target = secure_join(root, path).map_err(|err| SpecError::InvalidValue {
@@ -375,28 +389,11 @@ pub fn device_node(
             .map(|dir| path_c_string(&field, dir))
             .collect::<Result<_, _>>()?,
         path: path_c_string(&field, &target)?,
-        mode: file_type | (file_mode & 0o7777),
+        mode: file_type | (device.file_mode().unwrap_or(0o666) & 0o7777),
         device: libc::makedev(major, minor),
-        uid: owner.0,
-        gid: owner.1,
+        uid: device.uid().unwrap_or(0),
+        gid: device.gid().unwrap_or(0),
     })
-}
-
-pub fn spec_device(
-    index: usize,
-    root: &Path,
-    device: &LinuxDevice,
-) -> Result<DeviceNode, SpecError> {
-    device_node(
-        index,
-        root,
-        device.path(),
-        device.typ(),
-        device.major(),
-        device.minor(),
-        device.file_mode().unwrap_or(0o666),
-        (device.uid().unwrap_or(0), device.gid().unwrap_or(0)),
-    )
 }
 
 #[cfg(test)]
@@ -521,29 +518,16 @@ mod tests {
     #[test]
     fn devices_must_live_under_dev() {
         let root = Path::new("/r");
-        let node = device_node(
-            0,
-            root,
-            Path::new("/dev/fuse"),
-            LinuxDeviceType::C,
-            10,
-            229,
-            0o600,
-            (0, 0),
-        )
-        .unwrap();
+        let device = |path: &str| -> LinuxDevice {
+            serde_json::from_value(serde_json::json!({
+                "path": path, "type": "c", "major": 10, "minor": 229, "fileMode": 0o600
+            }))
+            .unwrap()
+        };
+        let node = device_node(0, root, &device("/dev/fuse")).unwrap();
         assert_eq!(node.mode, libc::S_IFCHR | 0o600);
         assert_eq!(node.device, libc::makedev(10, 229));
-        assert!(device_node(
-            0,
-            root,
-            Path::new("/etc/x"),
-            LinuxDeviceType::C,
-            1,
-            3,
-            0o666,
-            (0, 0)
-        )
-        .is_err());
+        assert!(device_node(0, root, &device("/etc/x")).is_err());
+        assert_eq!(default_devices().len(), 6);
     }
 }

@@ -525,7 +525,7 @@ impl Runtime {
             let pty_master = match outcome {
                 SetupOutcome::Done { pty_master } => pty_master,
                 SetupOutcome::Failed { step, index, errno } => {
-                    let (step, code) = describe_failure(step, index, errno, &labels);
+                    let (step, code) = describe_failure(step, index, &labels);
                     return Err(RuntimeError::Setup {
                         container_id: id.to_owned(),
                         exec_id: String::new(),
@@ -675,10 +675,8 @@ impl Runtime {
                 container_id: id.to_owned(),
                 exec_id: String::new(),
             })?;
-        match await_setup(&sync_socket, false)
-            .await
-            .map_err(io_error("reading the sync socket"))?
-        {
+        let outcome = await_setup(&sync_socket, false).await;
+        match outcome.map_err(io_error("reading the sync socket"))? {
             SetupOutcome::Done { .. } | SetupOutcome::Closed => {
                 container
                     .started
@@ -687,7 +685,7 @@ impl Runtime {
                 Ok(())
             }
             SetupOutcome::Failed { step, index, errno } => {
-                let (step, code) = describe_failure(step, index, errno, &container.labels);
+                let (step, code) = describe_failure(step, index, &container.labels);
                 Err(RuntimeError::Setup {
                     container_id: id.to_owned(),
                     exec_id: String::new(),
@@ -823,7 +821,7 @@ impl Runtime {
             SetupOutcome::Done { pty_master } => pty_master,
             SetupOutcome::Closed => None,
             SetupOutcome::Failed { step, index, errno } => {
-                let (step, code) = describe_failure(step, index, errno, &labels);
+                let (step, code) = describe_failure(step, index, &labels);
                 return Err(RuntimeError::Setup {
                     container_id: container_id.to_owned(),
                     exec_id: exec_id.to_owned(),

@@ -148,8 +148,9 @@ fn label(list: &[String], index: u32) -> String {
         .unwrap_or_else(|| format!("#{index}"))
 }
 
-/// (what failed, gRPC code) for a child's (step, index, errno).
-pub fn describe_failure(step: u32, index: u32, errno: i32, labels: &StepLabels) -> (String, Code) {
+/// (what failed, gRPC code) for a child's (step, index); the errno goes
+/// into the error's source.
+pub fn describe_failure(step: u32, index: u32, labels: &StepLabels) -> (String, Code) {
     use Step::*;
     let Some(step) = Step::from_u32(step) else {
         return (format!("unknown setup step {step}"), Code::Internal);
@@ -208,7 +209,6 @@ pub fn describe_failure(step: u32, index: u32, errno: i32, labels: &StepLabels) 
         ParentDeathSignal => "setting the parent death signal".into(),
         Signals => "resetting the signal mask".into(),
     };
-    let _ = errno;
     (text, Code::FailedPrecondition)
 }
 
@@ -267,13 +267,13 @@ mod tests {
             search_path: "/bin:/usr/bin".into(),
             ..StepLabels::default()
         };
-        let (text, code) = describe_failure(Step::Mount as u32, 0, libc::EPERM, &labels);
+        let (text, code) = describe_failure(Step::Mount as u32, 0, &labels);
         assert_eq!(text, "mount of proc proc on /proc");
         assert_eq!(code, Code::FailedPrecondition);
-        let (text, code) = describe_failure(Step::ExecLookup as u32, 0, libc::ENOENT, &labels);
+        let (text, code) = describe_failure(Step::ExecLookup as u32, 0, &labels);
         assert_eq!(text, "looking up executable \"nope\" in PATH /bin:/usr/bin");
         assert_eq!(code, Code::NotFound);
-        let (_, code) = describe_failure(999, 0, 0, &labels);
+        let (_, code) = describe_failure(999, 0, &labels);
         assert_eq!(code, Code::Internal);
     }
 }

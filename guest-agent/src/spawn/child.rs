@@ -162,14 +162,12 @@ fn setup_and_exec(plan: &ChildPlan) -> StepResult {
     set_parent_death_signal()?;
     // SAFETY: setsid takes no arguments; a new session lets the process
     // take a controlling terminal.
-    check(unsafe { libc::setsid() }.into(), Step::Setsid, 0)?;
+    let rc = unsafe { libc::setsid() };
+    check(rc.into(), Step::Setsid, 0)?;
     for (index, (fd, nstype)) in plan.setns.iter().enumerate() {
         // SAFETY: `fd` is a namespace or pidfd descriptor owned by the plan.
-        check(
-            unsafe { libc::setns(fd.as_raw_fd(), *nstype) }.into(),
-            Step::Setns,
-            index,
-        )?;
+        let rc = unsafe { libc::setns(fd.as_raw_fd(), *nstype) };
+        check(rc.into(), Step::Setns, index)?;
     }
     if plan.namespace_holder {
         hold_namespaces();
@@ -179,19 +177,13 @@ fn setup_and_exec(plan: &ChildPlan) -> StepResult {
     }
     if let Some(hostname) = &plan.hostname {
         // SAFETY: pointer and length describe the plan's C string.
-        check(
-            unsafe { libc::sethostname(hostname.as_ptr(), hostname.as_bytes().len()) }.into(),
-            Step::Hostname,
-            0,
-        )?;
+        let rc = unsafe { libc::sethostname(hostname.as_ptr(), hostname.as_bytes().len()) };
+        check(rc.into(), Step::Hostname, 0)?;
     }
     if let Some(domainname) = &plan.domainname {
         // SAFETY: pointer and length describe the plan's C string.
-        check(
-            unsafe { libc::setdomainname(domainname.as_ptr(), domainname.as_bytes().len()) }.into(),
-            Step::Domainname,
-            0,
-        )?;
+        let rc = unsafe { libc::setdomainname(domainname.as_ptr(), domainname.as_bytes().len()) };
+        check(rc.into(), Step::Domainname, 0)?;
     }
     for (index, (path, value)) in plan.sysctls.iter().enumerate() {
         write_file(path, value.as_bytes()).map_err(|errno| fail(Step::Sysctl, index, errno))?;
@@ -200,35 +192,28 @@ fn setup_and_exec(plan: &ChildPlan) -> StepResult {
     for (index, (resource, limit)) in plan.rlimits.iter().enumerate() {
         // SAFETY: `limit` is a valid rlimit; a NULL old-limit pointer is
         // allowed. pid 0 is this process.
-        check(
-            unsafe {
-                libc::prlimit(
-                    0,
-                    *resource as libc::__rlimit_resource_t,
-                    limit,
-                    std::ptr::null_mut(),
-                )
-            }
-            .into(),
-            Step::Rlimit,
-            index,
-        )?;
+        let rc = unsafe {
+            libc::prlimit(
+                0,
+                *resource as libc::__rlimit_resource_t,
+                limit,
+                std::ptr::null_mut(),
+            )
+        };
+        check(rc.into(), Step::Rlimit, index)?;
     }
     if let Some(priority) = plan.io_priority {
         const IOPRIO_WHO_PROCESS: libc::c_long = 1;
         // SAFETY: ioprio_set takes three integers.
-        check(
-            unsafe {
-                libc::syscall(
-                    libc::SYS_ioprio_set,
-                    IOPRIO_WHO_PROCESS,
-                    0 as libc::c_long,
-                    libc::c_long::from(priority),
-                )
-            },
-            Step::IoPriority,
-            0,
-        )?;
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_ioprio_set,
+                IOPRIO_WHO_PROCESS,
+                0 as libc::c_long,
+                libc::c_long::from(priority),
+            )
+        };
+        check(rc, Step::IoPriority, 0)?;
     }
     if let Some(umask) = plan.umask {
         // SAFETY: umask cannot fail.
@@ -264,18 +249,12 @@ fn setup_and_exec(plan: &ChildPlan) -> StepResult {
     // A credential change clears the parent death signal.
     set_parent_death_signal()?;
     // SAFETY: chdir reads the plan's C string.
-    check(
-        unsafe { libc::chdir(plan.cwd.as_ptr()) }.into(),
-        Step::Chdir,
-        0,
-    )?;
+    let rc = unsafe { libc::chdir(plan.cwd.as_ptr()) };
+    check(rc.into(), Step::Chdir, 0)?;
     if plan.no_new_privileges {
         // SAFETY: prctl with integer arguments.
-        check(
-            unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }.into(),
-            Step::NoNewPrivileges,
-            0,
-        )?;
+        let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+        check(rc.into(), Step::NoNewPrivileges, 0)?;
         install_seccomp(plan)?;
     }
     unblock_signals()?;
@@ -688,11 +667,8 @@ fn setup_stdio(plan: &ChildPlan) -> StepResult {
                 .enumerate()
             {
                 // SAFETY: dup2 onto 0-2; the plan's descriptors are all >= 3.
-                check(
-                    unsafe { libc::dup2(fd.as_raw_fd(), target) }.into(),
-                    Step::Stdio,
-                    index,
-                )?;
+                let rc = unsafe { libc::dup2(fd.as_raw_fd(), target) };
+                check(rc.into(), Step::Stdio, index)?;
             }
             Ok(())
         }
@@ -864,18 +840,15 @@ fn install_seccomp(plan: &ChildPlan) -> StepResult {
         };
         // SAFETY: `fprog` points at the plan's filter for the duration of
         // the call; the kernel copies the program.
-        check(
-            unsafe {
-                libc::syscall(
-                    libc::SYS_seccomp,
-                    libc::SECCOMP_SET_MODE_FILTER,
-                    plan.seccomp_flags,
-                    &fprog as *const libc::sock_fprog,
-                )
-            },
-            Step::Seccomp,
-            index,
-        )?;
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                plan.seccomp_flags,
+                &fprog as *const libc::sock_fprog,
+            )
+        };
+        check(rc, Step::Seccomp, index)?;
     }
     Ok(())
 }
@@ -894,22 +867,31 @@ fn drop_bounding_set(caps: &CapabilitySets, last: u32) -> StepResult {
     Ok(())
 }
 
+/// Raw syscalls, not glibc's setgroups/setresgid/setresuid: those
+/// broadcast the change to every thread glibc believes the process has
+/// (SIGSETXID) and wait for answers. This child is a clone of one thread of
+/// the agent, but glibc still lists the agent's threads; one whose tid
+/// equals this process's pid in its new PID namespace (the agent's main
+/// thread, tid 1, when the agent is PID 1) makes glibc signal itself and
+/// wait forever.
 fn switch_user(plan: &ChildPlan) -> StepResult {
     let credentials = &plan.credentials;
-    // SAFETY: setgroups reads `additional_gids`; the other calls take
-    // integers.
+    let uid = libc::c_long::from(credentials.uid);
+    let gid = libc::c_long::from(credentials.gid);
+    // SAFETY: setgroups reads `additional_gids` (length and pointer of the
+    // plan's vector); the other calls take integers.
     unsafe {
         check(
-            libc::setgroups(
+            libc::syscall(
+                libc::SYS_setgroups,
                 credentials.additional_gids.len(),
                 credentials.additional_gids.as_ptr(),
-            )
-            .into(),
+            ),
             Step::Groups,
             0,
         )?;
         check(
-            libc::setresgid(credentials.gid, credentials.gid, credentials.gid).into(),
+            libc::syscall(libc::SYS_setresgid, gid, gid, gid),
             Step::Setgid,
             0,
         )?;
@@ -919,7 +901,7 @@ fn switch_user(plan: &ChildPlan) -> StepResult {
             libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0);
         }
         check(
-            libc::setresuid(credentials.uid, credentials.uid, credentials.uid).into(),
+            libc::syscall(libc::SYS_setresuid, uid, uid, uid),
             Step::Setuid,
             0,
         )?;
@@ -966,11 +948,8 @@ fn apply_capabilities(caps: &CapabilitySets, last: u32) -> StepResult {
         },
     ];
     // SAFETY: capset reads the header and the two-element data array.
-    check(
-        unsafe { libc::syscall(libc::SYS_capset, &header as *const CapHeader, data.as_ptr()) },
-        Step::Capset,
-        0,
-    )?;
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &header as *const CapHeader, data.as_ptr()) };
+    check(rc, Step::Capset, 0)?;
     // SAFETY: prctl with integer arguments.
     unsafe {
         check(

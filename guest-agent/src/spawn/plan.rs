@@ -4,7 +4,7 @@
 //! lock that another thread of the agent may have held at clone time.
 
 use std::ffi::{CStr, CString};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::OwnedFd;
 
 /// A NULL-terminated `char *[]` over owned C strings, for execve.
 pub struct CStringArray {
@@ -110,12 +110,10 @@ pub struct Credentials {
     pub additional_gids: Vec<libc::gid_t>,
 }
 
-/// One seccomp program, installed with `flags`.
+/// One seccomp BPF program.
 pub struct SeccompProgram {
     pub filter: Vec<libc::sock_filter>,
 }
-
-// SAFETY-free: `sock_filter` is plain data; Vec<sock_filter> is Send.
 
 pub struct ChildPlan {
     /// CLONE_NEW* flags for clone3.
@@ -146,6 +144,7 @@ pub struct ChildPlan {
     /// /proc/sys/kernel/cap_last_cap of the running kernel.
     pub last_capability: u32,
     pub no_new_privileges: bool,
+    /// Installed in order, each with `seccomp_flags`.
     pub seccomp: Vec<SeccompProgram>,
     pub seccomp_flags: libc::c_ulong,
     pub cwd: CString,
@@ -159,25 +158,6 @@ pub struct ChildPlan {
     /// Start a process that only holds namespaces: it ignores SIGCHLD (so
     /// orphans it inherits are reaped) and sleeps until killed.
     pub namespace_holder: bool,
-}
-
-impl ChildPlan {
-    /// The descriptors the child must keep across its fd cleanup, sorted.
-    pub fn kept_fds(&self) -> Vec<RawFd> {
-        let mut fds = vec![self.sync.as_raw_fd()];
-        fds.extend(self.setns.iter().map(|(fd, _)| fd.as_raw_fd()));
-        if let ChildStdio::Pipes {
-            stdin,
-            stdout,
-            stderr,
-        } = &self.stdio
-        {
-            fds.extend([stdin.as_raw_fd(), stdout.as_raw_fd(), stderr.as_raw_fd()]);
-        }
-        fds.sort_unstable();
-        fds.dedup();
-        fds
-    }
 }
 
 /// A C string from Rust text, refusing interior NULs with the field's name.

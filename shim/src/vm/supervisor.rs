@@ -177,6 +177,20 @@ impl PodVm {
             self.sockets.push(socket.clone());
         }
         let mut command = tokio::process::Command::new(&spec.program);
+        // SAFETY: runs in the forked child before exec; prctl is
+        // async-signal-safe and touches no state of this process.
+        unsafe {
+            command.pre_exec(|| {
+                // The pod's processes die with the shim (a kill -9 of the
+                // shim included). The spawning thread is a runtime worker,
+                // which lives as long as the shim.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
         command
             .args(&spec.args)
             .stdin(Stdio::null())
