@@ -102,18 +102,27 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(filter: Option<&str>, pid1: bool) {
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     // Every byte on the VM's console costs an exit: warnings only by default.
     let default = if pid1 { "warn" } else { "info" };
     let filter = filter
         .map(str::to_owned)
         .or_else(|| std::env::var("microvm_agent_log").ok())
         .unwrap_or_else(|| default.to_owned());
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
+    // Targets ("info,microvm_agent=debug") rather than EnvFilter: no regex
+    // engine in PID 1.
+    let targets: Targets = filter
+        .parse()
+        .unwrap_or_else(|_| default.parse().unwrap_or_default());
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(false),
+        )
+        .with(targets)
         .init();
 }
 

@@ -113,6 +113,9 @@ pub struct AgentOptions {
     /// Extra agent arguments (e.g. --sysfs for storage tests).
     pub extra_args: Vec<String>,
     pub log_filter: String,
+    /// Another agent build (default: $MICROVM_AGENT_BIN, else the
+    /// workspace's target/<profile>/microvm-agent).
+    pub binary: Option<PathBuf>,
 }
 
 impl Default for AgentOptions {
@@ -120,6 +123,7 @@ impl Default for AgentOptions {
         Self {
             extra_args: Vec::new(),
             log_filter: "debug".into(),
+            binary: None,
         }
     }
 }
@@ -137,8 +141,10 @@ impl AgentUnderTest {
         let log = dir.join("agent.log");
         let log_file = std::fs::File::create(&log).expect("create the agent log");
         // MICROVM_AGENT_BIN runs another build (e.g. the static guest one).
-        let agent = std::env::var_os("MICROVM_AGENT_BIN")
-            .map(PathBuf::from)
+        let agent = options
+            .binary
+            .clone()
+            .or_else(|| std::env::var_os("MICROVM_AGENT_BIN").map(PathBuf::from))
             .unwrap_or_else(|| harness::binary("microvm-agent"));
         let child = Command::new("unshare")
             .args([
@@ -172,13 +178,13 @@ impl AgentUnderTest {
             log,
             dir,
         };
-        if !harness::wait_for_path(&agent.socket, Duration::from_secs(10)) {
+        if !harness::wait_for_listener(&agent.socket, Duration::from_secs(10)) {
             let status = agent
                 .child
                 .as_mut()
                 .and_then(|child| child.try_wait().ok().flatten());
             panic!(
-                "the agent did not create {} within 10 s (status {status:?}); log:\n{}",
+                "the agent did not listen on {} within 10 s (status {status:?}); log:\n{}",
                 agent.socket.display(),
                 agent.log_text()
             );
@@ -258,9 +264,14 @@ impl AgentUnderTest {
 
     /// Resident set size of the agent, in KiB (VmRSS).
     pub fn rss_kib(&self) -> Option<u64> {
+        self.status_kib("VmRSS:")
+    }
+
+    /// A "<field> <n> kB" line of /proc/<agent>/status (VmRSS:, RssAnon:).
+    pub fn status_kib(&self, field: &str) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
         status.lines().find_map(|line| {
-            line.strip_prefix("VmRSS:")?
+            line.strip_prefix(field)?
                 .split_whitespace()
                 .next()?
                 .parse()

@@ -271,3 +271,37 @@ pub fn pids_matching(needle: &str) -> Vec<(u32, String)> {
     }
     found
 }
+
+/// Writes a shim config for the `qemu` backend under TCG (the only one that
+/// runs containers on these hosts), with state and logs under `work`.
+pub fn write_qemu_shim_config(
+    work: &Path,
+    kernel: &Path,
+    initramfs: &Path,
+) -> Result<PathBuf, String> {
+    let config = work.join("microvm.toml");
+    let text = format!(
+        r#"backend = "qemu"
+log_level = "debug"
+[vm]
+kernel = "{kernel}"
+initramfs = "{initramfs}"
+memory_mib = 256
+kernel_args = "microvm_agent_log=info"
+[timeouts]
+boot_seconds = 180
+agent_seconds = 60
+[paths]
+state_dir = "{state}"
+log_dir = "{logs}"
+[qemu]
+accel = "tcg"
+"#,
+        kernel = kernel.display(),
+        initramfs = initramfs.display(),
+        state = work.join("state").display(),
+        logs = work.join("logs").display(),
+    );
+    std::fs::write(&config, text).map_err(|err| format!("writing {}: {err}", config.display()))?;
+    Ok(config)
+}

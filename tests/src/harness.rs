@@ -183,6 +183,20 @@ fn wait_child(guard: &mut ChildGuard, timeout: Duration) -> Option<ExitStatus> {
     }
 }
 
+/// Waits until a unix socket bound at `path` is listening (its file exists
+/// a moment before listen(), so existence alone is not readiness). Opens no
+/// connection, so it is safe for one-connection vhost-user back-ends.
+pub fn wait_for_listener(path: &Path, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if microvm_shim::vm::supervisor::is_listening(path) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    false
+}
+
 /// Waits until `path` exists (a socket being bound, a file being written).
 pub fn wait_for_path(path: &Path, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;

@@ -633,3 +633,46 @@ async fn created_containers_can_be_removed_without_starting() {
     ok(&agent, client.remove("c1", false).await);
     assert_eq!(agent.children(), Vec::<u32>::new());
 }
+
+/// A container without its own PID namespace leaves an orphan behind; the
+/// agent (subreaper here, PID 1 in the VM) reaps it: no zombie stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphans_are_reaped() {
+    let agent = AgentUnderTest::start("orphans");
+    let rootfs = rootfs(&agent.dir);
+    let mut client = agent.client().await;
+    let mut shared_pid = spec(
+        &rootfs,
+        &["sh", "-c", "sleep 0.3 >/dev/null 2>&1 & echo $!"],
+    );
+    shared_pid["linux"]["namespaces"] =
+        json!([{"type": "mount"}, {"type": "ipc"}, {"type": "uts"}]);
+    let output = ok(&agent, client.run("c1", &shared_pid).await);
+    let orphan: u32 = output
+        .stdout_text()
+        .trim()
+        .parse()
+        .expect("the orphan's pid");
+    // Right after its parent exits the orphan is the agent's child ...
+    let parent = std::fs::read_to_string(format!("/proc/{orphan}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit(')')
+                .next()
+                .and_then(|rest| rest.split_whitespace().nth(1))
+                .map(str::to_owned)
+        });
+    if let Some(parent) = parent {
+        assert_eq!(parent, agent.pid().to_string(), "reparented to the agent");
+    }
+    // ... and once it exits, nothing of it is left.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::path::Path::new(&format!("/proc/{orphan}")).exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pid {orphan} is still there (zombie?)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(agent.children(), Vec::<u32>::new());
+}

@@ -8,7 +8,9 @@
 
 use microvm_guest_image::initramfs::{self, Variant};
 use microvm_guest_image::kernel;
-use microvm_tests::containerd::{mounts_under, pids_matching, which, Containerd};
+use microvm_tests::containerd::{
+    mounts_under, pids_matching, which, write_qemu_shim_config, Containerd,
+};
 use microvm_tests::harness::{binary, Finished, TempDir};
 use microvm_tests::oci_image::write_busybox_image;
 use std::path::{Path, PathBuf};
@@ -81,33 +83,8 @@ impl Fixture {
         let bin = TempDir::new(&format!("{tag}-bin"));
         std::os::unix::fs::symlink(binary(SHIM), bin.join(SHIM)).expect("link the shim");
         let work = TempDir::new(&format!("{tag}-work"));
-        let config = work.join("microvm.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"backend = "qemu"
-log_level = "debug"
-[vm]
-kernel = "{kernel}"
-initramfs = "{initramfs}"
-memory_mib = 256
-kernel_args = "microvm_agent_log=info"
-[timeouts]
-boot_seconds = 180
-agent_seconds = 60
-[paths]
-state_dir = "{state}"
-log_dir = "{logs}"
-[qemu]
-accel = "tcg"
-"#,
-                kernel = kernel.vmlinux.display(),
-                initramfs = initramfs.display(),
-                state = work.join("state").display(),
-                logs = work.join("logs").display(),
-            ),
-        )
-        .expect("write the shim config");
+        let config = write_qemu_shim_config(work.path(), &kernel.vmlinux, &initramfs)
+            .expect("write the shim config");
         let containerd = Containerd::start(tag, bin.path(), &[])
             .unwrap_or_else(|err| panic!("containerd: {err}"));
         let archive = write_busybox_image(work.path(), IMAGE).expect("busybox image");
@@ -270,7 +247,6 @@ fn host_kernel_release() -> String {
 }
 
 #[test]
-#[ignore = "the agent cannot run a ctr container yet: CreateContainer fails (pivot_root EINVAL) and, past that, StartContainer never returns; see docs/shim.md"]
 fn container_runs_in_its_own_kernel_and_exit_codes_propagate() {
     let Some(fixture) = Fixture::new("shim-uname") else {
         return;
@@ -347,7 +323,6 @@ impl Fixture {
 }
 
 #[test]
-#[ignore = "the agent cannot run a ctr container yet: CreateContainer fails (pivot_root EINVAL) and, past that, StartContainer never returns; see docs/shim.md"]
 fn exec_with_and_without_tty_ps_and_kill() {
     let Some(fixture) = Fixture::new("shim-exec") else {
         return;
@@ -418,7 +393,6 @@ fn exec_with_and_without_tty_ps_and_kill() {
 }
 
 #[test]
-#[ignore = "the agent cannot run a ctr container yet: CreateContainer fails (pivot_root EINVAL) and, past that, StartContainer never returns; see docs/shim.md"]
 fn containers_with_one_sandbox_id_share_a_vm_and_a_shim() {
     let Some(fixture) = Fixture::new("shim-pod") else {
         return;
@@ -465,7 +439,6 @@ fn containers_with_one_sandbox_id_share_a_vm_and_a_shim() {
 }
 
 #[test]
-#[ignore = "the agent cannot run a ctr container yet: CreateContainer fails (pivot_root EINVAL) and, past that, StartContainer never returns; see docs/shim.md"]
 fn events_come_in_containerd_order() {
     let Some(fixture) = Fixture::new("shim-events") else {
         return;
@@ -523,7 +496,6 @@ fn events_come_in_containerd_order() {
 }
 
 #[test]
-#[ignore = "the agent cannot run a ctr container yet: CreateContainer fails (pivot_root EINVAL) and, past that, StartContainer never returns; see docs/shim.md"]
 fn twenty_create_delete_cycles_leave_nothing() {
     let Some(fixture) = Fixture::new("shim-cycles") else {
         return;
@@ -542,7 +514,6 @@ fn twenty_create_delete_cycles_leave_nothing() {
 }
 
 #[test]
-#[ignore = "the agent cannot run a ctr container yet: CreateContainer fails (pivot_root EINVAL) and, past that, StartContainer never returns; see docs/shim.md"]
 fn vmm_killed_mid_run_exits_the_task_and_leaves_nothing() {
     let Some(fixture) = Fixture::new("shim-kill9") else {
         return;
