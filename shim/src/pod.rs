@@ -243,22 +243,29 @@ async fn wait_for_agent(
         if ready_at.is_none() && console_has_ready_line(&layout.log_file) {
             ready_at = Some(Instant::now());
         }
-        let attempt = tokio::time::timeout(AGENT_ATTEMPT_TIMEOUT, async {
-            let agent =
-                AgentClient::connect(&layout.agent_socket(), microvm_proto::AGENT_VSOCK_PORT)
-                    .await?;
-            agent.check().await?;
-            Ok::<_, AgentError>(agent)
-        })
-        .await;
-        let last_error = match attempt {
-            Ok(Ok(agent)) => {
-                let now = Instant::now();
-                let ready = ready_at.unwrap_or(now);
-                return Ok((agent, ready - started, now - ready));
+        // Dial only once the agent says it is up: a vsock CONNECT that
+        // reaches vhost-device-vsock while the guest is still booting can
+        // leave that connection (and later ones) hanging.
+        let last_error = if ready_at.is_none() {
+            "the agent's ready line is not on the console yet".to_owned()
+        } else {
+            let attempt = tokio::time::timeout(AGENT_ATTEMPT_TIMEOUT, async {
+                let agent =
+                    AgentClient::connect(&layout.agent_socket(), microvm_proto::AGENT_VSOCK_PORT)
+                        .await?;
+                agent.check().await?;
+                Ok::<_, AgentError>(agent)
+            })
+            .await;
+            match attempt {
+                Ok(Ok(agent)) => {
+                    let now = Instant::now();
+                    let ready = ready_at.unwrap_or(now);
+                    return Ok((agent, ready - started, now - ready));
+                }
+                Ok(Err(err)) => error_chain(&err),
+                Err(_) => format!("no answer within {AGENT_ATTEMPT_TIMEOUT:?}"),
             }
-            Ok(Err(err)) => error_chain(&err),
-            Err(_) => format!("no answer within {AGENT_ATTEMPT_TIMEOUT:?}"),
         };
         match ready_at {
             Some(ready) if ready.elapsed() >= config.timeouts.agent() => {

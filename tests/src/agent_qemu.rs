@@ -123,7 +123,7 @@ fn spawn_helper(command: &mut Command, log: &Path) -> Result<Helper, String> {
 }
 
 fn wait_for(path: &Path, timeout: Duration) -> bool {
-    crate::harness::wait_for_listener(path, timeout)
+    crate::harness::wait_for_path(path, timeout)
 }
 
 /// A booted guest running the agent.

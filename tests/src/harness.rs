@@ -183,13 +183,14 @@ fn wait_child(guard: &mut ChildGuard, timeout: Duration) -> Option<ExitStatus> {
     }
 }
 
-/// Waits until a unix socket bound at `path` is listening (its file exists
-/// a moment before listen(), so existence alone is not readiness). Opens no
-/// connection, so it is safe for one-connection vhost-user back-ends.
+/// Waits until a unix socket at `path` accepts a connection (its file exists
+/// a moment before listen(), so existence alone is not readiness). It
+/// connects, so it is not for one-connection servers such as vhost-user
+/// back-ends.
 pub fn wait_for_listener(path: &Path, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        if microvm_shim::vm::supervisor::is_listening(path) {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return true;
         }
         std::thread::sleep(Duration::from_millis(2));

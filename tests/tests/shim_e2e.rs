@@ -53,7 +53,12 @@ fn missing_prerequisite() -> Option<String> {
     None
 }
 
+/// One pod VM at a time: each runs QEMU under TCG, and two of them on a
+/// 2-core machine starve each other's guest past the agent timeout.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 struct Fixture {
+    _turn: std::sync::MutexGuard<'static, ()>,
     containerd: Containerd,
     /// State and log dirs of the shim, and the config file.
     work: TempDir,
@@ -65,6 +70,9 @@ impl Fixture {
     /// Panics when the host lacks a piece: scripts/install-deps.sh installs
     /// them all, so a missing one is a setup failure, not a skip.
     fn new(tag: &str) -> Option<Self> {
+        // A test that failed while holding the lock poisons it; the next one
+        // can still run.
+        let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(reason) = missing_prerequisite() {
             panic!("shim end-to-end tests cannot run: {reason} (run scripts/install-deps.sh)");
         }
@@ -90,6 +98,7 @@ impl Fixture {
         let archive = write_busybox_image(work.path(), IMAGE).expect("busybox image");
         containerd.import(&archive).expect("import the image");
         Some(Self {
+            _turn: turn,
             containerd,
             work,
             config,

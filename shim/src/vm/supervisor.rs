@@ -237,7 +237,7 @@ impl PodVm {
         };
         let deadline = tokio::time::Instant::now() + ready_timeout;
         loop {
-            if is_listening(&socket) {
+            if socket.exists() {
                 return Ok(());
             }
             if let Some(status) = exited.borrow_and_update().clone() {
@@ -393,43 +393,9 @@ impl Drop for PodVm {
     }
 }
 
-/// Whether a unix socket bound at `path` is listening, read from
-/// /proc/net/unix so the check itself opens no connection: vhost-user
-/// back-ends serve their first connection as the VMM's and exit when it
-/// closes. (The socket file appears at bind(), a moment before listen(), so
-/// its existence alone would let QEMU's connect race into ECONNREFUSED.)
-pub fn is_listening(path: &Path) -> bool {
-    const SO_ACCEPTCON: u32 = 0x0001_0000;
-    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
-        return false;
-    };
-    let wanted = path.as_os_str().to_string_lossy();
-    table.lines().skip(1).any(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        // Num RefCount Protocol Flags Type St Inode Path
-        fields.len() == 8
-            && fields[7] == wanted
-            && u32::from_str_radix(fields[3], 16).is_ok_and(|flags| flags & SO_ACCEPTCON != 0)
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn listening_is_read_without_connecting() {
-        let dir = std::env::temp_dir().join(format!("shim-listen-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("l.sock");
-        assert!(!is_listening(&path));
-        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-        assert!(is_listening(&path));
-        drop(listener);
-        assert!(path.exists(), "std leaves the file behind");
-        assert!(!is_listening(&path), "a closed socket is not listening");
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
 
     fn layout(dir: &Path) -> PodLayout {
         PodLayout {
