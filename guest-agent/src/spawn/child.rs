@@ -12,12 +12,30 @@ use super::sync::{Message, MessageKind, MESSAGE_LEN};
 use std::ffi::CStr;
 use std::os::fd::{AsRawFd, RawFd};
 
-/// The steps a child reports failures of. The agent turns them into text
-/// ([`super::describe_failure`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u32)]
-pub enum Step {
-    CloseFds = 1,
+/// Declares [`Step`] and its decoding from the number a child reports, from
+/// one list, so the two cannot drift apart.
+macro_rules! steps {
+    ($first:ident, $($rest:ident),* $(,)?) => {
+        /// The steps a child reports failures of. The agent turns them into
+        /// text ([`super::describe_failure`]).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[repr(u32)]
+        pub enum Step {
+            $first = 1,
+            $($rest),*
+        }
+
+        impl Step {
+            pub fn from_u32(value: u32) -> Option<Self> {
+                const ALL: &[Step] = &[Step::$first, $(Step::$rest),*];
+                ALL.iter().copied().find(|step| *step as u32 == value)
+            }
+        }
+    };
+}
+
+steps!(
+    CloseFds,
     Setsid,
     Setns,
     RootPropagation,
@@ -53,52 +71,7 @@ pub enum Step {
     Execve,
     ParentDeathSignal,
     Signals,
-}
-
-impl Step {
-    pub fn from_u32(value: u32) -> Option<Self> {
-        use Step::*;
-        const ALL: [Step; 36] = [
-            CloseFds,
-            Setsid,
-            Setns,
-            RootPropagation,
-            BindRootfs,
-            MountMkdir,
-            Mount,
-            BindRemount,
-            MountPropagation,
-            Mknod,
-            Symlink,
-            PivotRoot,
-            MaskPath,
-            ReadonlyPath,
-            ReadonlyRoot,
-            Hostname,
-            Domainname,
-            Sysctl,
-            Pty,
-            Stdio,
-            Rlimit,
-            IoPriority,
-            ExecLookup,
-            WaitForStart,
-            Seccomp,
-            CapabilityBounding,
-            Groups,
-            Setgid,
-            Setuid,
-            Capset,
-            AmbientCapabilities,
-            NoNewPrivileges,
-            Chdir,
-            Execve,
-            ParentDeathSignal,
-            Signals,
-        ];
-        ALL.into_iter().find(|step| *step as u32 == value)
-    }
-}
+);
 
 #[derive(Debug, Clone, Copy)]
 struct Failure {
