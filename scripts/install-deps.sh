@@ -9,6 +9,7 @@ packages=(
   protobuf-compiler    # proto/ (tonic/prost)
   cpio                 # initramfs
   flex bison bc libelf-dev libssl-dev  # guest kernel build
+  iproute2 e2fsprogs util-linux       # agent tests: ip netns/veth, mkfs.ext4, losetup, unshare
 )
 
 missing=()
