@@ -198,6 +198,21 @@ pub fn wait_for_listener(path: &Path, timeout: Duration) -> bool {
     false
 }
 
+/// Waits until the file at `path` contains `text` (a console log).
+pub fn wait_for_text(path: &Path, text: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .contains(text)
+        {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
 /// Waits until `path` exists (a socket being bound, a file being written).
 pub fn wait_for_path(path: &Path, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;

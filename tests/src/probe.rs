@@ -12,11 +12,47 @@ use std::sync::OnceLock;
 /// `s * 2 + 1`.
 pub const QEMU_DEBUG_EXIT_PORT: &str = "0x441";
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from(".."))
+use crate::harness::repo_root;
+
+/// What the probe finds in sector 0 of its disk (and prints).
+pub const DISK_SECTOR0: &[u8] = b"hello-from-host!";
+/// The host port the probe's vsock connection goes to: `<uds>_52`.
+pub const ECHO_PORT: u32 = 52;
+
+/// A 1 MiB disk image whose sector 0 starts with [`DISK_SECTOR0`].
+pub fn write_disk(path: &Path) -> std::io::Result<()> {
+    let mut data = vec![0u8; 1 << 20];
+    data[..DISK_SECTOR0.len()].copy_from_slice(DISK_SECTOR0);
+    std::fs::write(path, data)
+}
+
+/// Where the VMM connects the probe's vsock stream for the socket `uds`.
+pub fn echo_socket_path(uds: &Path) -> PathBuf {
+    PathBuf::from(format!("{}_{ECHO_PORT}", uds.display()))
+}
+
+/// Echoes the first connection on `listener` back to its sender; returns
+/// what it received.
+pub fn spawn_echo(listener: std::os::unix::net::UnixListener) -> std::thread::JoinHandle<Vec<u8>> {
+    use std::io::{Read, Write};
+    std::thread::spawn(move || {
+        let Ok((mut stream, _)) = listener.accept() else {
+            return Vec::new();
+        };
+        let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(30)));
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stream.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if stream.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        seen
+    })
 }
 
 /// Builds the probe guest once per process and returns the ELF's path.

@@ -69,7 +69,7 @@ struct Fixture {
 impl Fixture {
     /// Panics when the host lacks a piece: scripts/install-deps.sh installs
     /// them all, so a missing one is a setup failure, not a skip.
-    fn new(tag: &str) -> Option<Self> {
+    fn new(tag: &str) -> Self {
         // A test that failed while holding the lock poisons it; the next one
         // can still run.
         let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
@@ -97,13 +97,13 @@ impl Fixture {
             .unwrap_or_else(|err| panic!("containerd: {err}"));
         let archive = write_busybox_image(work.path(), IMAGE).expect("busybox image");
         containerd.import(&archive).expect("import the image");
-        Some(Self {
+        Self {
             _turn: turn,
             containerd,
             work,
             config,
             _bin: bin,
-        })
+        }
     }
 
     fn config_arg(&self) -> String {
@@ -257,9 +257,7 @@ fn host_kernel_release() -> String {
 
 #[test]
 fn container_runs_in_its_own_kernel_and_exit_codes_propagate() {
-    let Some(fixture) = Fixture::new("shim-uname") else {
-        return;
-    };
+    let fixture = Fixture::new("shim-uname");
     let done = fixture.run("uname", &[], &["uname", "-r"]);
     assert!(
         done.status.success(),
@@ -333,9 +331,7 @@ impl Fixture {
 
 #[test]
 fn exec_with_and_without_tty_ps_and_kill() {
-    let Some(fixture) = Fixture::new("shim-exec") else {
-        return;
-    };
+    let fixture = Fixture::new("shim-exec");
     fixture.run_detached("box", &[], &["sleep", "600"]);
     fixture.wait_status("box", "RUNNING");
 
@@ -403,9 +399,7 @@ fn exec_with_and_without_tty_ps_and_kill() {
 
 #[test]
 fn containers_with_one_sandbox_id_share_a_vm_and_a_shim() {
-    let Some(fixture) = Fixture::new("shim-pod") else {
-        return;
-    };
+    let fixture = Fixture::new("shim-pod");
     let annotation = "io.kubernetes.cri.sandbox-id=pod1";
     fixture.run_detached("pod1", &["--annotation", annotation], &["sleep", "600"]);
     fixture.run_detached("pod1-app", &["--annotation", annotation], &["sleep", "600"]);
@@ -449,9 +443,7 @@ fn containers_with_one_sandbox_id_share_a_vm_and_a_shim() {
 
 #[test]
 fn events_come_in_containerd_order() {
-    let Some(fixture) = Fixture::new("shim-events") else {
-        return;
-    };
+    let fixture = Fixture::new("shim-events");
     let mut events = fixture
         .containerd
         .ctr_command(&["events"])
@@ -506,9 +498,7 @@ fn events_come_in_containerd_order() {
 
 #[test]
 fn twenty_create_delete_cycles_leave_nothing() {
-    let Some(fixture) = Fixture::new("shim-cycles") else {
-        return;
-    };
+    let fixture = Fixture::new("shim-cycles");
     for cycle in 0..20 {
         let id = format!("cycle{cycle}");
         let done = fixture.run(&id, &[], &["true"]);
@@ -524,9 +514,7 @@ fn twenty_create_delete_cycles_leave_nothing() {
 
 #[test]
 fn vmm_killed_mid_run_exits_the_task_and_leaves_nothing() {
-    let Some(fixture) = Fixture::new("shim-kill9") else {
-        return;
-    };
+    let fixture = Fixture::new("shim-kill9");
     fixture.run_detached("victim", &[], &["sleep", "600"]);
     fixture.wait_status("victim", "RUNNING");
     let qemu = fixture.qemu_processes();
@@ -549,9 +537,7 @@ fn vmm_killed_mid_run_exits_the_task_and_leaves_nothing() {
 
 #[test]
 fn a_missing_kernel_or_a_vm_that_does_not_boot_fails_create_with_the_reason() {
-    let Some(fixture) = Fixture::new("shim-fail") else {
-        return;
-    };
+    let fixture = Fixture::new("shim-fail");
     let config = std::fs::read_to_string(&fixture.config).unwrap();
     let kernel_line = config
         .lines()

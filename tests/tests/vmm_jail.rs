@@ -3,9 +3,9 @@
 //! uid/gid, with no inherited fds and an empty environment; the probe guest
 //! still moves vsock and block traffic; everything is removed afterwards.
 
-use microvm_tests::harness::{binary, wait_for_path, ChildGuard, TempDir};
-use microvm_tests::probe::probe_guest_elf;
-use std::io::{BufRead, BufReader, Read, Write};
+use microvm_tests::harness::{binary, wait_for_path, wait_for_text, ChildGuard, TempDir};
+use microvm_tests::probe::{echo_socket_path, probe_guest_elf, spawn_echo, write_disk};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
@@ -16,20 +16,6 @@ use std::time::{Duration, Instant};
 /// `nobody` on Debian.
 const UID: u32 = 65534;
 const GID: u32 = 65534;
-
-fn wait_for_text(path: &Path, text: &str, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if std::fs::read_to_string(path)
-            .unwrap_or_default()
-            .contains(text)
-        {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    false
-}
 
 fn api_call(sock: &Path, request: &str) -> serde_json::Value {
     let stream = UnixStream::connect(sock).unwrap();
@@ -77,9 +63,7 @@ fn jailed_vmm_runs_the_probe_isolated_and_leaves_nothing_behind() {
     // What the shim would prepare: files and a socket directory the jailed
     // uid may use.
     let disk = dir.join("disk.img");
-    let mut data = vec![0u8; 1 << 20];
-    data[..16].copy_from_slice(b"hello-from-host!");
-    std::fs::write(&disk, data).unwrap();
+    write_disk(&disk).unwrap();
     std::os::unix::fs::chown(&disk, Some(UID), Some(GID)).unwrap();
     let socks = dir.join("socks");
     std::fs::create_dir(&socks).unwrap();
@@ -90,32 +74,10 @@ fn jailed_vmm_runs_the_probe_isolated_and_leaves_nothing_behind() {
     let jail_name = format!("mvt-jail-{}", std::process::id());
     let jail = dir.join(&jail_name);
 
-    let listener = UnixListener::bind(format!("{}_52", uds.display())).unwrap();
-    std::fs::set_permissions(
-        format!("{}_52", uds.display()),
-        std::fs::Permissions::from_mode(0o666),
-    )
-    .unwrap();
-    let echo = std::thread::spawn(move || {
-        let Ok((mut stream, _)) = listener.accept() else {
-            return Vec::new();
-        };
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = stream.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            seen.extend_from_slice(&buf[..n]);
-            if stream.write_all(&buf[..n]).is_err() {
-                break;
-            }
-        }
-        seen
-    });
+    let echo_path = echo_socket_path(&uds);
+    let listener = UnixListener::bind(&echo_path).unwrap();
+    std::fs::set_permissions(&echo_path, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let echo = spawn_echo(listener);
 
     // An fd the VMM must not inherit, and an environment it must not see.
     let leaked = std::fs::File::open("/etc/hostname").unwrap();

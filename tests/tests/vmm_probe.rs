@@ -1,52 +1,28 @@
 //! KVM integration: the probe guest boots under `microvm-vmm` through the
 //! same loader path as Linux (PVH ELF), talks to its devices, and stops.
 
-use microvm_tests::harness::{binary, run_with_timeout, wait_for_path, ChildGuard, TempDir};
-use microvm_tests::probe::probe_guest_elf;
-use std::io::{BufRead, BufReader, Read, Write};
+use microvm_tests::harness::{
+    binary, run_with_timeout, wait_for_path, wait_for_text, ChildGuard, TempDir,
+};
+use microvm_tests::probe::{echo_socket_path, probe_guest_elf, spawn_echo, write_disk};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-const DISK_SECTOR0: &[u8] = b"hello-from-host!";
-const VSOCK_PORT: u32 = 52;
+fn make_disk(dir: &TempDir) -> PathBuf {
+    let disk = dir.join("disk.img");
+    write_disk(&disk).unwrap();
+    disk
+}
+
+fn echo_for(uds: &Path) -> std::thread::JoinHandle<Vec<u8>> {
+    spawn_echo(UnixListener::bind(echo_socket_path(uds)).unwrap())
+}
 
 fn probe() -> PathBuf {
     probe_guest_elf().expect("building the probe guest")
-}
-
-/// Echoes every connection to `<uds>_52` until the test ends.
-fn spawn_echo(uds: &Path) -> std::thread::JoinHandle<Vec<u8>> {
-    let listener = UnixListener::bind(format!("{}_{VSOCK_PORT}", uds.display())).unwrap();
-    std::thread::spawn(move || {
-        let Ok((mut stream, _)) = listener.accept() else {
-            return Vec::new();
-        };
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = stream.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            seen.extend_from_slice(&buf[..n]);
-            if stream.write_all(&buf[..n]).is_err() {
-                break;
-            }
-        }
-        seen
-    })
-}
-
-fn make_disk(dir: &TempDir) -> PathBuf {
-    let disk = dir.join("disk.img");
-    let mut data = vec![0u8; 1 << 20];
-    data[..DISK_SECTOR0.len()].copy_from_slice(DISK_SECTOR0);
-    std::fs::write(&disk, data).unwrap();
-    disk
 }
 
 #[test]
@@ -54,7 +30,7 @@ fn probe_guest_uses_serial_boot_timer_vsock_and_blk_then_powers_off() {
     let dir = TempDir::new("probe-full");
     let disk = make_disk(&dir);
     let uds = dir.join("v.sock");
-    let echo = spawn_echo(&uds);
+    let echo = echo_for(&uds);
     let console = dir.join("console.log");
     let mut cmd = Command::new(binary("microvm-vmm"));
     cmd.args(["--kernel", probe().to_str().unwrap()])
@@ -382,18 +358,4 @@ fn api_pause_resume_metrics_and_graceful_shutdown_timeout() {
     child.0 = None;
     assert_eq!(status.code(), Some(0));
     assert!(!sock.exists());
-}
-
-fn wait_for_text(path: &Path, text: &str, timeout: Duration) -> bool {
-    let deadline = std::time::Instant::now() + timeout;
-    while std::time::Instant::now() < deadline {
-        if std::fs::read_to_string(path)
-            .unwrap_or_default()
-            .contains(text)
-        {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    false
 }

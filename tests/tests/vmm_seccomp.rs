@@ -3,14 +3,14 @@
 //! its filters on (the default) still boots the probe guest and moves vsock
 //! and block traffic, with every thread filtered.
 
-use microvm_tests::harness::{binary, wait_for_path, ChildGuard, TempDir};
-use microvm_tests::probe::probe_guest_elf;
+use microvm_tests::harness::{binary, wait_for_path, wait_for_text, ChildGuard, TempDir};
+use microvm_tests::probe::{echo_socket_path, probe_guest_elf, spawn_echo, write_disk};
 use microvm_vmm::seccomp::{SeccompFilters, ThreadKind, KVM_RUN};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn filters() -> SeccompFilters {
     SeccompFilters::build(microvm_vmm::vcpu::kick_signal()).unwrap()
@@ -222,45 +222,6 @@ fn allowed_syscalls_work_under_every_filter() {
     }
 }
 
-/// Echoes every connection to `<uds>_52`.
-fn spawn_echo(uds: &Path) -> std::thread::JoinHandle<Vec<u8>> {
-    let listener = UnixListener::bind(format!("{}_52", uds.display())).unwrap();
-    std::thread::spawn(move || {
-        let Ok((mut stream, _)) = listener.accept() else {
-            return Vec::new();
-        };
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = stream.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            seen.extend_from_slice(&buf[..n]);
-            if stream.write_all(&buf[..n]).is_err() {
-                break;
-            }
-        }
-        seen
-    })
-}
-
-fn wait_for_text(path: &Path, text: &str, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if std::fs::read_to_string(path)
-            .unwrap_or_default()
-            .contains(text)
-        {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    false
-}
-
 /// (thread name, Seccomp mode, filter count) for every thread of `pid`.
 fn thread_seccomp(pid: u32) -> Vec<(String, u32, u32)> {
     let mut out = Vec::new();
@@ -299,9 +260,7 @@ fn api_call(sock: &Path, request: &str) -> serde_json::Value {
 
 fn boot_idle_probe(dir: &TempDir, extra: &[&str]) -> (ChildGuard, std::path::PathBuf) {
     let disk = dir.join("disk.img");
-    let mut data = vec![0u8; 1 << 20];
-    data[..16].copy_from_slice(b"hello-from-host!");
-    std::fs::write(&disk, data).unwrap();
+    write_disk(&disk).unwrap();
     let uds = dir.join("v.sock");
     let console = dir.join("console.log");
     let sock = dir.join("api.sock");
@@ -326,7 +285,7 @@ fn boot_idle_probe(dir: &TempDir, extra: &[&str]) -> (ChildGuard, std::path::Pat
 #[test]
 fn probe_guest_moves_vsock_and_blk_traffic_with_every_thread_filtered() {
     let dir = TempDir::new("seccomp-probe");
-    let echo = spawn_echo(&dir.join("v.sock"));
+    let echo = spawn_echo(UnixListener::bind(echo_socket_path(&dir.join("v.sock"))).unwrap());
     let (mut child, console) = boot_idle_probe(&dir, &[]);
     let pid = child.0.as_ref().unwrap().id();
     assert!(
@@ -377,7 +336,7 @@ fn probe_guest_moves_vsock_and_blk_traffic_with_every_thread_filtered() {
 #[test]
 fn no_seccomp_leaves_threads_unfiltered() {
     let dir = TempDir::new("seccomp-off");
-    let _echo = spawn_echo(&dir.join("v.sock"));
+    let _echo = spawn_echo(UnixListener::bind(echo_socket_path(&dir.join("v.sock"))).unwrap());
     let (mut child, console) = boot_idle_probe(&dir, &["--no-seccomp"]);
     let pid = child.0.as_ref().unwrap().id();
     assert!(wait_for_text(

@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Context, Result};
 use microvm_tests::harness::{binary, run_with_timeout, TempDir};
-use std::io::{Read, Write};
+use microvm_tests::probe::{echo_socket_path, spawn_echo, write_disk};
 use std::os::unix::net::UnixListener;
 use std::process::Command;
 use std::time::Duration;
@@ -13,21 +13,9 @@ fn main() -> Result<()> {
     let probe = microvm_tests::probe::probe_guest_elf().context("building the probe guest")?;
     let dir = TempDir::new("demo");
     let disk = dir.join("disk.img");
-    let mut data = vec![0u8; 1 << 20];
-    data[..16].copy_from_slice(b"hello-from-host!");
-    std::fs::write(&disk, data)?;
+    write_disk(&disk)?;
     let uds = dir.join("v.sock");
-    let listener = UnixListener::bind(format!("{}_52", uds.display()))?;
-    std::thread::spawn(move || {
-        if let Ok((mut stream, _)) = listener.accept() {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stream.read(&mut buf) {
-                if n == 0 || stream.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-        }
-    });
+    let _echo = spawn_echo(UnixListener::bind(echo_socket_path(&uds))?);
     let console = dir.join("console.log");
     let mut cmd = Command::new(binary("microvm-vmm"));
     cmd.args(["--kernel".as_ref(), probe.as_os_str()])

@@ -6,7 +6,6 @@
 
 mod protocol;
 mod server;
-pub mod socket;
 
 pub use protocol::{Request, Response};
 pub use server::{ApiCall, ApiServer, ApiStartError};

@@ -3,8 +3,8 @@
 //! EventFd, so the controller never blocks on a client.
 
 use super::protocol::{parse_request, Request, Response};
-use super::socket::{OwnedListener, SocketError};
 use crate::seccomp::{SeccompError, SeccompFilters, ThreadKind};
+use microvm_devices::unix_socket::{OwnedListener, UnixSocketError};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -18,7 +18,7 @@ const MAX_REQUEST_BYTES: usize = 1 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum ApiStartError {
     #[error(transparent)]
-    Socket(#[from] SocketError),
+    Socket(#[from] UnixSocketError),
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
 }
@@ -49,7 +49,7 @@ impl ApiServer {
     ) -> Result<(Self, Receiver<ApiCall>), ApiStartError> {
         let listener = OwnedListener::bind(path)?;
         let (tx, rx) = mpsc::channel();
-        let io_error = |source| SocketError::Bind {
+        let io_error = |source| UnixSocketError::Bind {
             path: path.to_owned(),
             source,
         };
