@@ -4,10 +4,16 @@
 # fuzz/regressions/<target>/, where `cargo test -p microvm-devices` replays it
 # from then on (microvm_devices::fuzz tests); the script then exits 1.
 #
-# Only the stable toolchain exists here: cargo-fuzz's -Z flags are allowed
-# through RUSTC_BOOTSTRAP=1.
+# Each run starts by executing every seed and every saved regression input
+# (fuzz/seeds/<target>, fuzz/regressions/<target>), so a fixed crash that
+# comes back fails here too.
 #
-#   scripts/fuzz.sh [SECONDS] [TARGET...]
+# Only the stable toolchain exists here: cargo-fuzz's -Z flags are allowed
+# through RUSTC_BOOTSTRAP=1. FUZZ_SANITIZER=none builds without ASan (CI,
+# for time: the targets are safe Rust over plain memory); the default is
+# address.
+#
+#   [FUZZ_SANITIZER=none] scripts/fuzz.sh [SECONDS] [TARGET...]
 set -euo pipefail
 
 seconds="${1:-30}"
@@ -20,7 +26,7 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
 fi
 export RUSTC_BOOTSTRAP=1
-flags=(-O --debug-assertions)
+flags=(-O --debug-assertions --sanitizer "${FUZZ_SANITIZER:-address}")
 
 cargo fuzz build "${flags[@]}"
 

@@ -43,4 +43,9 @@ set -e
 # prints why, e.g. the Linux-under-KVM boot on a PVM host).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
      END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+
+# Every guest-facing parser's fuzz target for 30 s, after replaying its
+# seeds and saved crash inputs. Without ASan: the build is what costs here.
+echo "== fuzz: every target for 30 s (scripts/fuzz.sh)"
+FUZZ_SANITIZER=none scripts/fuzz.sh 30 || status=1
 exit "$status"

@@ -93,6 +93,11 @@ pub fn setup() -> Option<VmmPorts> {
             );
         }
     }
+    // Containers of the pod talk over localhost: the VM's loopback must be
+    // up (nothing else brings it up: there is no CNI loopback plugin here).
+    if let Err(err) = bring_up_loopback() {
+        eprintln!("microvm-agent: cannot bring up lo: {err}");
+    }
     let ports = match VmmPorts::acquire() {
         Ok(ports) => Some(ports),
         Err(err) => {
@@ -111,6 +116,37 @@ pub fn setup() -> Option<VmmPorts> {
         Err(err) => eprintln!("microvm-agent: cannot read /proc/uptime: {err}"),
     }
     ports
+}
+
+/// SIOCGIFFLAGS/SIOCSIFFLAGS on `lo`: one synchronous ioctl pair at boot,
+/// before the agent's runtime (and its netlink connection) exists.
+fn bring_up_loopback() -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: socket(2) with constant arguments; the fd is owned at once.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh fd that nothing else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (slot, byte) in request.ifr_name.iter_mut().zip(b"lo\0") {
+        *slot = *byte as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads into `request`, which outlives the call.
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the union's flags member is the one SIOCGIFFLAGS filled.
+    unsafe {
+        request.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+    }
+    // SAFETY: SIOCSIFFLAGS reads `request`, which outlives the call.
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &request) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The kernel's own switch-root move: bind "/" at a staging directory,

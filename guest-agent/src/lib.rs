@@ -14,6 +14,7 @@ pub mod guest;
 pub mod init;
 pub mod network;
 pub mod oci;
+pub mod peer;
 pub mod runtime;
 pub mod sandbox;
 pub mod server;

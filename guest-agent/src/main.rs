@@ -50,6 +50,14 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // Hidden test client (peer.rs), checked first: it runs as a container's PID 1.
+    let argv: Vec<String> = std::env::args_os()
+        .skip(1)
+        .map(|arg| arg.to_string_lossy().into_owned())
+        .collect();
+    if let Some(code) = microvm_agent::peer::probe_command(&argv) {
+        return code;
+    }
     let pid1 = std::process::id() == 1;
     let args = match Args::try_parse() {
         Ok(args) => args,
@@ -82,6 +90,11 @@ fn main() -> ExitCode {
     };
     init_logging(args.log.as_deref(), pid1);
 
+    // One malloc arena: the runtime is one thread, and an arena made for
+    // a helper thread keeps its own pages. (The mmap threshold stays
+    // dynamic: it lets the 256 KiB output chunks come from the heap.)
+    // SAFETY: mallopt takes two integers; a refusal only costs memory.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -835,9 +835,14 @@ pub async fn serve(
             ))
             .map_err(|err| ServeError::Bind(name.clone(), err))?;
             tracing::info!("listening on {name}");
-            let incoming = futures_util::StreamExt::map(listener.incoming(), |stream| {
-                stream.map(VsockConnection)
-            });
+            // Only the host may connect: see crate::peer.
+            let accepted =
+                futures_util::stream::poll_fn(move |cx| listener.poll_accept(cx).map(Some));
+            let refused = Arc::new(crate::peer::RefusedPeers::default());
+            let incoming =
+                futures_util::StreamExt::map(crate::peer::host_only(accepted, refused), |stream| {
+                    stream.map(VsockConnection)
+                });
             router
                 .serve_with_incoming_shutdown(incoming, shutdown)
                 .await

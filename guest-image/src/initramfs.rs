@@ -227,10 +227,17 @@ pub fn initramfs(variant: Variant) -> Result<InitramfsArtifact, InitramfsError> 
     })
 }
 
-/// `RUSTFLAGS='-C target-feature=+crt-static -C strip=symbols' cargo build
-/// --target x86_64-unknown-linux-gnu --release -p microvm-agent
-/// --target-dir target/guest`. Stripping keeps the initramfs (copied and
-/// unpacked at every boot) small.
+/// Static glibc, stripped (the initramfs is copied and unpacked at every
+/// boot), and packed relative relocations (DT_RELR): the static-pie
+/// start-up reads a few KiB of them instead of a ~550 KiB RELA table whose
+/// pages then stay resident in the agent for the VM's life.
+pub const AGENT_RUSTFLAGS: &str =
+    "-C target-feature=+crt-static -C strip=symbols -C link-arg=-Wl,-z,pack-relative-relocs";
+
+/// `RUSTFLAGS=<AGENT_RUSTFLAGS> CARGO_PROFILE_RELEASE_LTO=fat
+/// CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 cargo build --target
+/// x86_64-unknown-linux-gnu --release -p microvm-agent --target-dir
+/// target/guest`.
 pub fn build_agent() -> Result<PathBuf, InitramfsError> {
     let repo = cache::repo_root();
     let target_dir = repo.join("target").join(AGENT_TARGET_SUBDIR);
@@ -249,10 +256,13 @@ pub fn build_agent() -> Result<PathBuf, InitramfsError> {
         .arg(repo.join("Cargo.toml"))
         .arg("--target-dir")
         .arg(&target_dir)
-        .env(
-            "RUSTFLAGS",
-            "-C target-feature=+crt-static -C strip=symbols",
-        )
+        .env("RUSTFLAGS", AGENT_RUSTFLAGS)
+        // Whole-program LTO in one codegen unit, for this build only (its
+        // own target dir): less code and fewer relocated vtables than the
+        // workspace's thin LTO; the agent's idle RSS measured 4.67 MiB
+        // with thin LTO, 4.00 MiB with this.
+        .env("CARGO_PROFILE_RELEASE_LTO", "fat")
+        .env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "1")
         // Set by an outer cargo (tests) and stronger than RUSTFLAGS.
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .env_remove("CARGO_TARGET_DIR")

@@ -6,6 +6,7 @@ set -euo pipefail
 
 packages=(
   containerd runc          # containerd 1.6 + ctr; runc for the benchmark's baseline
+  containernetworking-plugins  # CNI bridge/host-local/loopback for CRI pods (/usr/lib/cni)
   qemu-system-x86          # the qemu backend
   busybox-static           # the test image's rootfs
   libseccomp-dev libcap-ng-dev  # virtiofsd's build

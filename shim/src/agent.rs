@@ -8,8 +8,8 @@ use hyper_util::rt::TokioIo;
 use microvm_proto::agent::v1 as api;
 use microvm_proto::agent::v1::{
     containers_client::ContainersClient, events_client::EventsClient, health_client::HealthClient,
-    processes_client::ProcessesClient, sandbox_client::SandboxClient,
-    storage_client::StorageClient,
+    network_client::NetworkClient, processes_client::ProcessesClient,
+    sandbox_client::SandboxClient, storage_client::StorageClient,
 };
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -99,6 +99,7 @@ pub struct AgentClient {
     pub processes: ProcessesClient<Intercepted>,
     pub events: EventsClient<Intercepted>,
     pub storage: StorageClient<Intercepted>,
+    pub network: NetworkClient<Intercepted>,
 }
 
 impl AgentClient {
@@ -135,7 +136,8 @@ impl AgentClient {
             containers: ContainersClient::with_interceptor(channel.clone(), interceptor),
             processes: ProcessesClient::with_interceptor(channel.clone(), interceptor),
             events: EventsClient::with_interceptor(channel.clone(), interceptor),
-            storage: StorageClient::with_interceptor(channel, interceptor),
+            storage: StorageClient::with_interceptor(channel.clone(), interceptor),
+            network: NetworkClient::with_interceptor(channel, interceptor),
         }
     }
 

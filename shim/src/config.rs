@@ -90,6 +90,49 @@ pub struct Config {
     pub timeouts: TimeoutsConfig,
     pub qemu: QemuConfig,
     pub builtin: BuiltinConfig,
+    pub annotations: AnnotationsConfig,
+    pub network: NetworkConfig,
+}
+
+/// Which `io.microvm.config.<key>` pod annotations may override the config
+/// (see [`crate::annotations`]).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnnotationsConfig {
+    pub allowed: Vec<String>,
+}
+
+impl Default for AnnotationsConfig {
+    fn default() -> Self {
+        Self {
+            allowed: vec![
+                "vm.vcpus".into(),
+                "vm.memory_mib".into(),
+                "vm.kernel_args".into(),
+            ],
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// A pod that asks for the host's network (CRI `hostNetwork: true`: its
+    /// sandbox has no network namespace) cannot share it from inside a VM.
+    /// false: its Create fails and says so. true: it runs with loopback
+    /// only.
+    pub allow_host_network: bool,
+    /// The tap device created in the pod's network namespace.
+    pub tap_name: String,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            allow_host_network: false,
+            tap_name: "tap0_microvm".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -191,18 +234,31 @@ impl Default for QemuConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct BuiltinConfig {
     pub vmm: PathBuf,
+    /// Run each pod's VMM in microvm-vmm's jail (own mount and PID
+    /// namespaces, a root holding only the VM's files, a cgroup, no
+    /// inherited fds, empty environment). Turning it off is this explicit
+    /// flag.
+    pub jail: bool,
+    /// With the jail: the uid/gid the VMM drops to (unset: it stays root
+    /// inside the jail).
+    pub jail_uid: Option<u32>,
+    pub jail_gid: Option<u32>,
 }
 
 impl Default for BuiltinConfig {
     fn default() -> Self {
         Self {
             vmm: PathBuf::from("microvm-vmm"),
+            jail: true,
+            jail_uid: None,
+            jail_gid: None,
         }
     }
 }
 
-const MAX_VCPUS: u32 = 64;
-const MIN_MEMORY_MIB: u32 = 64;
+pub const MAX_VCPUS: u32 = 64;
+/// Below this the guest kernel and agent do not come up.
+pub const MIN_MEMORY_MIB: u32 = 64;
 
 impl Config {
     /// Parses and validates `text`; `path` is only for messages.
@@ -286,6 +342,24 @@ impl Config {
         if self.vm.kernel_args.contains('\n') {
             return Err(invalid("vm.kernel_args", "has a newline".into()));
         }
+        for key in &self.annotations.allowed {
+            if !crate::annotations::OVERRIDABLE_KEYS.contains(&key.as_str()) {
+                return Err(invalid(
+                    "annotations.allowed",
+                    format!(
+                        "{key:?} cannot be overridden; known: {}",
+                        crate::annotations::OVERRIDABLE_KEYS.join(", ")
+                    ),
+                ));
+            }
+        }
+        let tap = &self.network.tap_name;
+        if tap.is_empty() || tap.len() > 15 || tap.contains(['/', ' ', '\0']) {
+            return Err(invalid(
+                "network.tap_name",
+                format!("{tap:?} is not an interface name (1-15 characters)"),
+            ));
+        }
         Ok(())
     }
 }
@@ -300,6 +374,13 @@ mod tests {
 
     fn error_of(text: &str) -> String {
         parse(text).unwrap_err().to_string()
+    }
+
+    /// config/microvm.toml documents every key with its default value.
+    #[test]
+    fn the_shipped_example_is_the_defaults() {
+        let text = include_str!("../../config/microvm.toml");
+        assert_eq!(parse(text).unwrap(), Config::default());
     }
 
     #[test]
@@ -352,8 +433,15 @@ mod tests {
         assert!(err.contains("unknown field"), "{err}");
         let err = error_of("hypervisor = \"qemu\"\n");
         assert!(err.contains("`hypervisor`"), "{err}");
-        let err = error_of("[network]\n");
-        assert!(err.contains("`network`"), "{err}");
+        let err = error_of("[networking]\n");
+        assert!(err.contains("`networking`"), "{err}");
+        let err = error_of("[network]\ntap = \"x\"\n");
+        assert!(err.contains("`network.tap`"), "{err}");
+        let err = error_of("[annotations]\nallowed = [\"paths.state_dir\"]\n");
+        assert!(err.contains("`annotations.allowed`"), "{err}");
+        assert!(err.contains("cannot be overridden"), "{err}");
+        let err = error_of("[network]\ntap_name = \"a-name-longer-than-15\"\n");
+        assert!(err.contains("`network.tap_name`"), "{err}");
     }
 
     #[test]

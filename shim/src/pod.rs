@@ -6,12 +6,15 @@
 
 use crate::agent::{AgentClient, AgentError};
 use crate::config::Config;
+use crate::network::{NetworkError, PodNetwork};
 use crate::rootfs::{self, RootfsError};
+use crate::vm::cgroup::{CgroupError, HostCgroup};
 use crate::vm::layout::{PodLayout, GUEST_SHARED_DIR, SHARED_FS_TAG};
 use crate::vm::supervisor::{ExitWatch, LaunchError, PodVm};
-use crate::vm::{self, BackendError, PodVmSpec};
+use crate::vm::{self, BackendError, PodVmSpec, VmNic};
 use microvm_proto::agent::v1 as api;
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 
@@ -25,8 +28,6 @@ const CONSOLE_TAIL_LINES: usize = 15;
 pub enum BootError {
     #[error(transparent)]
     Image(#[from] BackendError),
-    #[error("backend {0} has no virtio-fs device, so it cannot share a container rootfs with the guest; use backend = \"qemu\"")]
-    NoFileSharing(&'static str),
     #[error("preparing the pod's shared directory")]
     Shared(#[source] RootfsError),
     #[error("starting the VM")]
@@ -56,6 +57,61 @@ pub enum BootError {
     Sandbox(tonic::Status),
     #[error("the agent could not mount the shared directory: {0}")]
     MountShared(tonic::Status),
+    #[error("placing the VM in the pod's host cgroup")]
+    Cgroup(#[source] CgroupError),
+    #[error("connecting the pod's network namespace to the VM")]
+    Network(#[source] NetworkError),
+    #[error("the agent could not configure the guest network ({step}): {status}")]
+    GuestNetwork {
+        step: &'static str,
+        status: tonic::Status,
+    },
+    #[error("pod {0} asks for the host's network (hostNetwork: its sandbox has no network namespace); a microVM cannot share the host's network namespace. Set network.allow_host_network = true in the shim config to run such pods with loopback only")]
+    HostNetworkRefused(String),
+}
+
+/// What the pod's sandbox spec (its first container) says about the pod.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodSettings {
+    /// The pod's network namespace (CRI's, with the CNI veth in it).
+    pub netns: Option<PathBuf>,
+    /// The spec has no network namespace at all: it wants the host's.
+    pub host_network: bool,
+    pub hostname: String,
+    pub sysctls: HashMap<String, String>,
+    /// The sandbox's host cgroup (cgroupfs path), where the VM's host
+    /// processes run.
+    pub cgroups_path: Option<String>,
+}
+
+impl PodSettings {
+    pub fn from_spec(spec: &oci_spec::runtime::Spec, pod_id: &str) -> Self {
+        let linux = spec.linux().as_ref();
+        let network = linux
+            .and_then(|linux| linux.namespaces().as_ref())
+            .and_then(|namespaces| {
+                namespaces.iter().find(|namespace| {
+                    namespace.typ() == oci_spec::runtime::LinuxNamespaceType::Network
+                })
+            });
+        let hostname = spec
+            .hostname()
+            .clone()
+            .filter(|name| !name.is_empty())
+            .unwrap_or_else(|| pod_id.chars().take(63).collect());
+        Self {
+            netns: network.and_then(|namespace| namespace.path().clone()),
+            host_network: network.is_none(),
+            hostname,
+            sysctls: linux
+                .and_then(|linux| linux.sysctl().clone())
+                .unwrap_or_default(),
+            cgroups_path: linux
+                .and_then(|linux| linux.cgroups_path().clone())
+                .map(|path| path.to_string_lossy().into_owned())
+                .filter(|path| !path.is_empty()),
+        }
+    }
 }
 
 /// Timings of one boot, for the log and the benchmark.
@@ -71,17 +127,26 @@ pub struct Pod {
     pub id: String,
     pub layout: PodLayout,
     pub agent: AgentClient,
-    pub shares_files: bool,
     pub times: BootTimes,
+    pub settings: PodSettings,
+    /// The tap and redirects in the pod's netns, removed at shutdown.
+    pub network: Option<PodNetwork>,
+    /// The VM's host cgroup, removed at shutdown.
+    cgroup: Option<HostCgroup>,
     vm: Mutex<PodVm>,
 }
 
 impl Pod {
     /// Boots the pod's VM and brings its agent and sandbox up.
-    pub async fn boot(config: &Config, namespace: &str, pod_id: &str) -> Result<Self, BootError> {
+    pub async fn boot(
+        config: &Config,
+        namespace: &str,
+        pod_id: &str,
+        settings: PodSettings,
+    ) -> Result<Self, BootError> {
         let backend = vm::backend_for(config);
-        if !backend.shares_files() {
-            return Err(BootError::NoFileSharing(backend.name()));
+        if settings.host_network && !config.network.allow_host_network {
+            return Err(BootError::HostNetworkRefused(pod_id.to_owned()));
         }
         let (kernel, initramfs) = vm::guest_image(config)?;
         let layout = PodLayout::new(
@@ -101,6 +166,31 @@ impl Pod {
             rootfs::remove_mounted_tree(&layout.dir);
             return Err(BootError::Shared(err));
         }
+        let cgroup = match settings.cgroups_path.as_deref().map(HostCgroup::create) {
+            Some(Ok(cgroup)) => Some(cgroup),
+            Some(Err(CgroupError::Unsupported(path))) => {
+                tracing::warn!(
+                    "pod {pod_id}: cgroups path {path:?} is not a cgroupfs path; the VM stays in the shim's cgroup"
+                );
+                None
+            }
+            Some(Err(err)) => {
+                rootfs::remove_mounted_tree(&layout.dir);
+                return Err(BootError::Cgroup(err));
+            }
+            None => None,
+        };
+        let network = match &settings.netns {
+            Some(netns) => match attach_network(netns, &config.network.tap_name).await {
+                Ok(network) => Some(network),
+                Err(err) => {
+                    rootfs::remove_mounted_tree(&layout.dir);
+                    remove_cgroup(cgroup.as_ref()).await;
+                    return Err(err);
+                }
+            },
+            None => None,
+        };
         let spec = PodVmSpec {
             layout: layout.clone(),
             kernel,
@@ -110,16 +200,31 @@ impl Pod {
             memory_mib: config.vm.memory_mib,
             debug_console: config.vm.debug_console,
             virtiofsd: config.paths.virtiofsd.clone(),
+            host_cgroup: cgroup.as_ref().and(settings.cgroups_path.clone()),
+            nic: network.as_ref().map(|network| VmNic {
+                netns: network.netns.clone(),
+                tap: network.tap.clone(),
+                mac: network.interface.mac.clone(),
+            }),
         };
-        let result = Self::launch_and_connect(config, &layout, backend.plan(&spec), started).await;
+        let result = Self::launch_and_connect(
+            config,
+            &layout,
+            backend.plan(&spec),
+            cgroup.as_ref(),
+            started,
+        )
+        .await;
         match result {
             Ok((vm, agent, times)) => {
                 let pod = Self {
                     id: pod_id.to_owned(),
                     layout,
                     agent,
-                    shares_files: backend.shares_files(),
                     times,
+                    settings,
+                    network,
+                    cgroup,
                     vm: Mutex::new(vm),
                 };
                 if let Err(err) = pod.set_up_sandbox().await {
@@ -136,6 +241,8 @@ impl Pod {
             }
             Err(err) => {
                 rootfs::remove_mounted_tree(&layout.dir);
+                detach_network(network.as_ref()).await;
+                remove_cgroup(cgroup.as_ref()).await;
                 Err(err)
             }
         }
@@ -145,9 +252,10 @@ impl Pod {
         config: &Config,
         layout: &PodLayout,
         plan: Vec<vm::ProcessSpec>,
+        cgroup: Option<&HostCgroup>,
         started: Instant,
     ) -> Result<(PodVm, AgentClient, BootTimes), BootError> {
-        let mut vm = PodVm::launch(plan, layout, config.timeouts.boot())
+        let mut vm = PodVm::launch(plan, layout, config.timeouts.boot(), cgroup)
             .await
             .map_err(BootError::Launch)?;
         let launched = started.elapsed();
@@ -169,32 +277,59 @@ impl Pod {
     }
 
     async fn set_up_sandbox(&self) -> Result<(), BootError> {
-        let hostname: String = self.id.chars().take(63).collect();
         self.agent
             .sandbox
             .clone()
             .create_sandbox(api::CreateSandboxRequest {
                 sandbox_id: self.id.clone(),
-                hostname,
+                hostname: self.settings.hostname.clone(),
+                sysctls: self.settings.sysctls.clone(),
+                // Containers whose spec names a PID namespace by path
+                // (shareProcessNamespace) join this one.
+                share_pid_namespace: true,
                 ..Default::default()
             })
             .await
             .map_err(BootError::Sandbox)?;
-        if self.shares_files {
-            self.agent
-                .storage
-                .clone()
-                .mount_storage(api::MountStorageRequest {
-                    source: Some(api::mount_storage_request::Source::VirtioFsTag(
-                        SHARED_FS_TAG.to_owned(),
-                    )),
-                    target: GUEST_SHARED_DIR.to_owned(),
-                    fstype: "virtiofs".to_owned(),
-                    options: Vec::new(),
-                })
+        if let Some(network) = &self.network {
+            let (interface, routes) = network.agent_requests();
+            let mut client = self.agent.network.clone();
+            client
+                .update_interface(interface)
                 .await
-                .map_err(BootError::MountShared)?;
+                .map_err(|status| BootError::GuestNetwork {
+                    step: "interface",
+                    status,
+                })?;
+            client
+                .update_routes(routes)
+                .await
+                .map_err(|status| BootError::GuestNetwork {
+                    step: "routes",
+                    status,
+                })?;
+            tracing::info!(
+                "pod {}: guest {} has {:?} (tap {} in {})",
+                self.id,
+                network.interface.name,
+                network.interface.addresses,
+                network.tap,
+                network.netns.display()
+            );
         }
+        self.agent
+            .storage
+            .clone()
+            .mount_storage(api::MountStorageRequest {
+                source: Some(api::mount_storage_request::Source::VirtioFsTag(
+                    SHARED_FS_TAG.to_owned(),
+                )),
+                target: GUEST_SHARED_DIR.to_owned(),
+                fstype: "virtiofs".to_owned(),
+                options: Vec::new(),
+            })
+            .await
+            .map_err(BootError::MountShared)?;
         Ok(())
     }
 
@@ -215,8 +350,45 @@ impl Pod {
             tracing::debug!("agent power-off did not answer: {err}");
         }
         self.vm.lock().await.shutdown().await;
+        detach_network(self.network.as_ref()).await;
+        remove_cgroup(self.cgroup.as_ref()).await;
         rootfs::remove_mounted_tree(&self.layout.dir);
         tracing::info!("pod {}: VM stopped and state removed", self.id);
+    }
+}
+
+/// Creates the tap in the pod's netns and redirects the veth to it. The
+/// netlink work blocks (it runs on a thread of its own in the netns).
+async fn attach_network(netns: &Path, tap: &str) -> Result<PodNetwork, BootError> {
+    let path = netns.to_path_buf();
+    let tap = tap.to_owned();
+    tokio::task::spawn_blocking(move || PodNetwork::attach(&path, &tap))
+        .await
+        .map_err(|_| {
+            BootError::Network(NetworkError::ThreadPanicked {
+                netns: netns.to_path_buf(),
+            })
+        })?
+        .map_err(BootError::Network)
+}
+
+/// Removes the tap; a failure is logged (the netns goes away with the pod).
+async fn detach_network(network: Option<&PodNetwork>) {
+    let Some(network) = network.cloned() else {
+        return;
+    };
+    let detached = tokio::task::spawn_blocking(move || network.detach()).await;
+    match detached {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => tracing::warn!("removing the pod's tap: {}", error_chain(&err)),
+        Err(err) => tracing::warn!("removing the pod's tap: {err}"),
+    }
+}
+
+/// Removes the VM's host cgroup (it may retry briefly: off the runtime).
+async fn remove_cgroup(cgroup: Option<&HostCgroup>) {
+    if let Some(cgroup) = cgroup.cloned() {
+        let _ = tokio::task::spawn_blocking(move || cgroup.remove()).await;
     }
 }
 
@@ -341,20 +513,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn builtin_backend_is_refused_for_lack_of_virtio_fs() {
-        let tmp = tempfile::tempdir().unwrap();
-        let config = config_in(tmp.path());
-        assert_eq!(config.backend, BackendKind::Builtin);
-        let err = Pod::boot(&config, "ns", "pod").await.unwrap_err();
-        assert!(err.to_string().contains("virtio-fs"), "{err}");
-    }
-
-    #[tokio::test]
     async fn a_missing_kernel_is_named() {
         let tmp = tempfile::tempdir().unwrap();
         let mut config = config_in(tmp.path());
         config.backend = BackendKind::Qemu;
-        let err = Pod::boot(&config, "ns", "pod").await.unwrap_err();
+        let err = Pod::boot(&config, "ns", "pod", PodSettings::default())
+            .await
+            .unwrap_err();
         let message = error_chain(&err);
         assert!(message.contains("guest kernel"), "{message}");
         assert!(message.contains("vmlinux"), "{message}");
@@ -379,7 +544,9 @@ mod tests {
         config.paths.virtiofsd = fake("virtiofsd", "touch \"$2\"; exec sleep 60");
         config.qemu.vhost_device_vsock = fake("vsock", "touch \"$4\"; exec sleep 60");
         config.qemu.binary = fake("qemu", "echo guest kernel panic; exit 1");
-        let err = Pod::boot(&config, "ns", "pod").await.unwrap_err();
+        let err = Pod::boot(&config, "ns", "pod", PodSettings::default())
+            .await
+            .unwrap_err();
         let message = error_chain(&err);
         assert!(
             message.contains("the VM did not boot: qemu exited"),
@@ -404,7 +571,9 @@ mod tests {
         config.paths.virtiofsd = script("virtiofsd", "touch \"$2\"; exec sleep 60");
         config.qemu.vhost_device_vsock = script("vsock", "touch \"$4\"; exec sleep 60");
         config.qemu.binary = script("qemu", "exec sleep 60");
-        let err = Pod::boot(&config, "ns", "pod").await.unwrap_err();
+        let err = Pod::boot(&config, "ns", "pod", PodSettings::default())
+            .await
+            .unwrap_err();
         assert!(matches!(err, BootError::BootTimeout { .. }), "{err}");
 
         // A ready line but no agent: the agent timeout.
@@ -412,7 +581,9 @@ mod tests {
             "qemu",
             "echo 'microvm-agent: ready uptime=0.5'; exec sleep 60",
         );
-        let err = Pod::boot(&config, "ns", "pod").await.unwrap_err();
+        let err = Pod::boot(&config, "ns", "pod", PodSettings::default())
+            .await
+            .unwrap_err();
         assert!(matches!(err, BootError::AgentTimeout { .. }), "{err}");
         assert!(!config.paths.state_dir.join("ns/pod").exists());
     }

@@ -57,6 +57,16 @@ fn bind(source: &Path, target: &Path, flags: MsFlags) -> Result<(), RootfsError>
 pub fn prepare_shared_dir(layout: &PodLayout) -> Result<(), RootfsError> {
     let shared = layout.shared_dir();
     create_dir(&shared)?;
+    // The pod's sockets, pid files and shared files: root only.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&layout.dir, std::fs::Permissions::from_mode(0o700)).map_err(
+            |source| RootfsError::Create {
+                path: layout.dir.clone(),
+                source,
+            },
+        )?;
+    }
     bind(&shared, &shared, MsFlags::empty())?;
     mount(
         None::<&str>,
@@ -183,9 +193,11 @@ pub async fn prepare_container(
 }
 
 /// Namespaces for the guest: the pod's network is the VM's own, so a
-/// container never gets a network namespace of its own; and a namespace
-/// given by a host path (CRI's `/proc/<pause pid>/ns/...`) means nothing in
-/// the guest, so the container shares the VM's.
+/// container never gets a network namespace of its own; a namespace given
+/// by a host path (CRI's `/proc/<pause pid>/ns/...`) means nothing in the
+/// guest, so the container shares the VM's; except a PID namespace given by
+/// path (kubelet's shareProcessNamespace), which is kept: the agent then
+/// joins the pod's PID namespace (the sandbox is created with one).
 pub fn adapt_namespaces(spec: &mut Spec) {
     use oci_spec::runtime::LinuxNamespaceType;
     let Some(linux) = spec.linux_mut() else {
@@ -196,7 +208,10 @@ pub fn adapt_namespaces(spec: &mut Spec) {
     };
     let kept: Vec<_> = namespaces
         .into_iter()
-        .filter(|ns| ns.typ() != LinuxNamespaceType::Network && ns.path().is_none())
+        .filter(|ns| {
+            ns.typ() != LinuxNamespaceType::Network
+                && (ns.path().is_none() || ns.typ() == LinuxNamespaceType::Pid)
+        })
         .collect();
     linux.set_namespaces(Some(kept));
 }
@@ -257,7 +272,7 @@ mod tests {
     }
 
     #[test]
-    fn network_and_host_path_namespaces_are_dropped() {
+    fn network_and_host_path_namespaces_are_dropped_but_a_shared_pid_namespace() {
         use oci_spec::runtime::{LinuxBuilder, LinuxNamespaceBuilder, LinuxNamespaceType};
         let namespace = |typ, path: Option<&str>| {
             let mut builder = LinuxNamespaceBuilder::default().typ(typ);
@@ -274,6 +289,7 @@ mod tests {
                         namespace(LinuxNamespaceType::Network, None),
                         namespace(LinuxNamespaceType::Ipc, Some("/proc/42/ns/ipc")),
                         namespace(LinuxNamespaceType::Mount, None),
+                        namespace(LinuxNamespaceType::Pid, Some("/proc/42/ns/pid")),
                     ])
                     .build()
                     .unwrap(),
@@ -291,7 +307,14 @@ mod tests {
             .iter()
             .map(|ns| ns.typ())
             .collect();
-        assert_eq!(kept, [LinuxNamespaceType::Pid, LinuxNamespaceType::Mount]);
+        assert_eq!(
+            kept,
+            [
+                LinuxNamespaceType::Pid,
+                LinuxNamespaceType::Mount,
+                LinuxNamespaceType::Pid
+            ]
+        );
     }
 
     #[test]

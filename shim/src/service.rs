@@ -4,9 +4,10 @@
 //! UNIMPLEMENTED. A transition the state machine refuses is
 //! FAILED_PRECONDITION.
 
+use crate::annotations;
 use crate::config::Config;
 use crate::events::{timestamp, EventQueue, TaskEvent};
-use crate::pod::{error_chain, Pod};
+use crate::pod::{error_chain, Pod, PodSettings};
 use crate::process::{Process, StdioPaths};
 use crate::rootfs;
 use crate::state::{ExitStatus, Op, Status, TransitionError};
@@ -179,7 +180,12 @@ impl TaskService {
     }
 
     /// The pod, booted on the first Create.
-    async fn pod_for(&self, config: &Config, pod_id: &str) -> TtrpcResult<Arc<Pod>> {
+    async fn pod_for(
+        &self,
+        config: &Config,
+        pod_id: &str,
+        settings: PodSettings,
+    ) -> TtrpcResult<Arc<Pod>> {
         let mut slot = self.inner.pod.lock().await;
         if let Some(pod) = slot.as_ref() {
             if pod.id != pod_id {
@@ -191,7 +197,7 @@ impl TaskService {
             return Ok(pod.clone());
         }
         (self.inner.log_level)(config.log_level.as_filter());
-        let pod = Pod::boot(config, &self.inner.namespace, pod_id)
+        let pod = Pod::boot(config, &self.inner.namespace, pod_id, settings)
             .await
             .map_err(|err| {
                 let message = error_chain(&err);
@@ -363,10 +369,16 @@ impl TaskService {
                     format!("reading {}/config.json: {err}", req.bundle),
                 )
             })?;
-        let config = Config::load(config_path_from_options(req.options.as_ref()).as_deref())
+        let mut config = Config::load(config_path_from_options(req.options.as_ref()).as_deref())
             .map_err(|err| status(ttrpc::Code::INVALID_ARGUMENT, error_chain(&err)))?;
         let pod_id = pod_id_of(&spec, &req.id);
-        let pod = self.pod_for(&config, &pod_id).await?;
+        // The pod's first container (CRI's sandbox) sizes and shapes the VM.
+        if let Some(annotations) = spec.annotations() {
+            annotations::apply(&mut config, annotations)
+                .map_err(|err| status(ttrpc::Code::INVALID_ARGUMENT, err.to_string()))?;
+        }
+        let settings = PodSettings::from_spec(&spec, &pod_id);
+        let pod = self.pod_for(&config, &pod_id, settings).await?;
         if let Err(err) = std::fs::write(
             bundle.join(POD_DIR_FILE),
             pod.layout.dir.as_os_str().as_encoded_bytes(),
@@ -440,6 +452,11 @@ impl TaskService {
             stdio::release_stdin_fifo(&process.stdio.stdin);
         }
         rootfs::remove_mounted_tree(&pod.layout.container_dir(&container.id));
+    }
+
+    /// Stops the pod VM and removes its host state (a stop signal).
+    pub async fn stop_pod(&self) {
+        self.shutdown_pod().await;
     }
 
     async fn shutdown_pod(&self) {

@@ -1,8 +1,9 @@
 //! The shim process's life: `start` (one shim per pod, found by the
 //! sandbox-id annotation), serving the task API, and `delete` (cleanup of
-//! what a dead shim left: VM processes, mounts, sockets, state).
+//! what a dead shim left: VM processes, mounts, sockets, state). A serving
+//! shim that gets SIGTERM or SIGINT stops its pod VM and exits.
 
-use crate::config::CONFIG_PATH_ENV;
+use crate::config::{Config, CONFIG_PATH_ENV};
 use crate::events::{self, EventQueue};
 use crate::service::{config_path_from_options, pod_id_of, TaskService, POD_DIR_FILE};
 use crate::vm::supervisor::{kill_recorded, process_start_time};
@@ -18,7 +19,8 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tracing_subscriber::{reload, EnvFilter};
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::reload;
 
 pub const RUNTIME_ID: &str = "io.containerd.microvm.v2";
 /// In the pod dir: the serving shim's pid and start time.
@@ -28,6 +30,13 @@ const KILLED_EXIT_STATUS: u32 = 128 + 9;
 /// How long `start` waits for the new shim to listen.
 const SERVE_START_TIMEOUT: Duration = Duration::from_secs(30);
 const LOG_ENV: &str = "MICROVM_SHIM_LOG";
+/// How long a stop signal waits for the orderly pod shutdown.
+const ORDERLY_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// After a stop signal and the pod teardown, how long the crate's orderly
+/// server shutdown may take (ttrpc waits up to 10 s per connection for
+/// requests in flight) before the shim exits anyway.
+const SIGNAL_EXIT_GRACE: Duration = Duration::from_secs(3);
 
 fn shim_error(message: String) -> containerd_shim::Error {
     containerd_shim::Error::Other(message)
@@ -38,20 +47,65 @@ pub struct MicrovmShim {
     namespace: String,
     id: String,
     bundle: PathBuf,
-    log_level: Option<reload::Handle<EnvFilter, tracing_subscriber::Registry>>,
+    /// The ttrpc socket this shim serves (`-socket`), removed on a forced
+    /// exit.
+    socket: String,
+    log_level: Option<LevelHandle>,
+    /// SIGTERM and SIGINT, watched from the start of serve mode. The
+    /// crate's own handler only logs them, so without this a shim whose
+    /// containerd is gone could not be stopped short of SIGKILL.
+    stop_signals: Option<StopSignals>,
+    /// The task service, once created: a stop signal shuts its pod down
+    /// in order (agent power-off, VM, tap, host cgroup, mounts).
+    service: Arc<std::sync::OnceLock<TaskService>>,
+}
+
+struct StopSignals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// The name of the next stop signal.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.terminate.recv() => "SIGTERM",
+            _ = self.interrupt.recv() => "SIGINT",
+        }
+    }
+}
+
+type LevelHandle = reload::Handle<Targets, tracing_subscriber::Registry>;
+
+/// `level,target=level,...`; a filter that does not parse falls back to
+/// `fallback`. `Targets` rather than `EnvFilter`: the latter compiles its
+/// directives with a regex engine at every shim start, which costs CPU
+/// time and resident memory for no use here.
+fn parse_filter(filter: &str, fallback: &str) -> Targets {
+    filter
+        .parse()
+        .or_else(|_| filter_for(fallback).parse())
+        .unwrap_or_default()
 }
 
 /// Sets up `tracing`: the serve process writes to containerd's `log` FIFO
 /// in the bundle, the others to stderr (containerd logs it).
-fn init_logging(
-    serving: bool,
-    debug: bool,
-) -> Option<reload::Handle<EnvFilter, tracing_subscriber::Registry>> {
+fn init_logging(serving: bool, debug: bool) -> Option<LevelHandle> {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let default = if debug { "debug" } else { "info" };
-    let filter =
-        EnvFilter::try_from_env(LOG_ENV).unwrap_or_else(|_| EnvFilter::new(filter_for(default)));
+    let filter = match std::env::var(LOG_ENV) {
+        Ok(filter) => parse_filter(&filter, default),
+        Err(_) => parse_filter(&filter_for(default), default),
+    };
     let (filter, handle) = reload::Layer::new(filter);
     // O_NONBLOCK only for the open: it fails with ENXIO instead of
     // blocking when containerd has no reader on the FIFO.
@@ -101,12 +155,22 @@ impl Shim for MicrovmShim {
         } else {
             PathBuf::from(&args.bundle)
         };
+        let stop_signals = serving
+            .then(|| {
+                StopSignals::new()
+                    .map_err(|err| tracing::warn!("cannot watch SIGTERM/SIGINT: {err}"))
+                    .ok()
+            })
+            .flatten();
         Self {
             exit: Arc::new(ExitSignal::default()),
             namespace: args.namespace.clone(),
             id: args.id.clone(),
             bundle,
+            socket: args.socket.clone(),
             log_level,
+            stop_signals,
+            service: Arc::new(std::sync::OnceLock::new()),
         }
     }
 
@@ -123,7 +187,42 @@ impl Shim for MicrovmShim {
     }
 
     async fn wait(&mut self) {
-        self.exit.wait().await;
+        let exit = self.exit.clone();
+        let Some(signals) = self.stop_signals.as_mut() else {
+            exit.wait().await;
+            return;
+        };
+        tokio::select! {
+            () = exit.wait() => {}
+            name = signals.recv() => {
+                tracing::info!("{name}: stopping the pod VM and exiting");
+                if let Some(service) = self.service.get() {
+                    if tokio::time::timeout(ORDERLY_STOP_TIMEOUT, service.stop_pod())
+                        .await
+                        .is_err()
+                    {
+                        tracing::error!(
+                            "the pod did not stop within {ORDERLY_STOP_TIMEOUT:?}; killing its processes"
+                        );
+                    }
+                }
+                // Whatever is still recorded (a pod still booting, or one
+                // that did not stop in time).
+                let (bundle, namespace, id) =
+                    (self.bundle.clone(), self.namespace.clone(), self.id.clone());
+                let stopped = tokio::task::spawn_blocking(move || {
+                    stop_own_pod(&bundle, &namespace, &id)
+                })
+                .await;
+                if let Err(err) = stopped {
+                    tracing::error!("stopping the pod after {name}: {err}");
+                }
+                // The crate removes it only when `start` wrote the bundle's
+                // address file; a signal must not leave it either way.
+                let _ = std::fs::remove_file(socket_path(&self.socket));
+                exit_after_grace(self.socket.clone());
+            }
+        }
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
@@ -136,7 +235,7 @@ impl Shim for MicrovmShim {
                 return;
             }
             if let Some(handle) = &handle {
-                let _ = handle.modify(|filter| *filter = EnvFilter::new(filter_for(level)));
+                let _ = handle.modify(|filter| *filter = parse_filter(&filter_for(level), "info"));
             }
         });
         tracing::info!(
@@ -145,7 +244,9 @@ impl Shim for MicrovmShim {
             self.namespace,
             self.id
         );
-        TaskService::new(&self.namespace, queue, self.exit.clone(), set_level)
+        let service = TaskService::new(&self.namespace, queue, self.exit.clone(), set_level);
+        let _ = self.service.set(service.clone());
+        service
     }
 }
 
@@ -284,6 +385,64 @@ fn shim_alive(pod_dir: &Path) -> bool {
     }
 }
 
+/// The pod directories this serving shim may have made: the one recorded in
+/// its bundle once a container was created, and the one its config names
+/// (a signal can arrive while the first container's VM still boots).
+fn own_pod_dirs(bundle: &Path, namespace: &str, container_id: &str) -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Ok(recorded) = std::fs::read(bundle.join(POD_DIR_FILE)) {
+        dirs.push(PathBuf::from(
+            String::from_utf8_lossy(&recorded).into_owned(),
+        ));
+    }
+    let spec = oci_spec::runtime::Spec::load(bundle.join("config.json"));
+    if let (Ok(spec), Ok(config)) = (spec, Config::load(None)) {
+        let pod_id = pod_id_of(&spec, container_id);
+        let layout = PodLayout::new(
+            &config.paths.state_dir,
+            &config.paths.log_dir,
+            namespace,
+            &pod_id,
+        );
+        if !dirs.contains(&layout.dir) {
+            dirs.push(layout.dir);
+        }
+    }
+    dirs
+}
+
+/// Stops this shim's pod without the agent: kills the VM's recorded host
+/// processes, unmounts and removes the pod's state. Blocking (it waits
+/// until each killed process is gone). Returns the pod dirs it removed.
+pub fn stop_own_pod(bundle: &Path, namespace: &str, container_id: &str) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    for dir in own_pod_dirs(bundle, namespace, container_id) {
+        if !dir.exists() {
+            continue;
+        }
+        let layout = PodLayout {
+            dir: dir.clone(),
+            log_file: PathBuf::new(),
+        };
+        let killed = kill_recorded(&layout.pid_dir());
+        tracing::info!("killed {killed:?}, removing {}", dir.display());
+        rootfs::remove_mounted_tree(&dir);
+        removed.push(dir);
+    }
+    removed
+}
+
+/// Bounds the exit after a stop signal: the crate shuts its server down
+/// once `wait` returns, which can wait on requests that never finish.
+fn exit_after_grace(socket: String) {
+    std::thread::spawn(move || {
+        std::thread::sleep(SIGNAL_EXIT_GRACE);
+        tracing::warn!("the server did not shut down within {SIGNAL_EXIT_GRACE:?}; exiting");
+        let _ = std::fs::remove_file(socket_path(&socket));
+        std::process::exit(0);
+    });
+}
+
 /// What `delete` does. With the pod's shim gone: kills the VM's host
 /// processes, unmounts and removes the pod's state. With it alive (another
 /// container of the pod still runs): removes this container's files only.
@@ -350,6 +509,50 @@ mod tests {
         assert!(!bundle.join(POD_DIR_FILE).exists());
         // A second delete finds nothing and does not fail.
         cleanup_after_dead_shim(&bundle, "c1");
+    }
+
+    #[test]
+    fn log_filters_parse_and_a_bad_one_falls_back() {
+        use tracing::level_filters::LevelFilter;
+        let filter = parse_filter(&filter_for("debug"), "info");
+        assert!(filter.would_enable("microvm_shim::pod", &tracing::Level::DEBUG));
+        assert!(!filter.would_enable("h2::codec", &tracing::Level::DEBUG));
+        assert!(filter.would_enable("h2::codec", &tracing::Level::INFO));
+        let fallback = parse_filter("debug,=bad=", "warn");
+        assert_eq!(fallback.default_level(), Some(LevelFilter::WARN));
+    }
+
+    #[test]
+    fn stop_own_pod_kills_the_recorded_vm_and_removes_the_pod_dir() {
+        let tmp = tempfile::tempdir().unwrap();
+        let bundle = tmp.path().join("bundle");
+        std::fs::create_dir_all(&bundle).unwrap();
+        let layout = PodLayout {
+            dir: tmp.path().join("state/ns/pod"),
+            log_file: tmp.path().join("pod.log"),
+        };
+        std::fs::create_dir_all(layout.pid_dir()).unwrap();
+        let mut vmm = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let start = process_start_time(vmm.id()).unwrap();
+        std::fs::write(
+            layout.pid_dir().join("qemu"),
+            format!("{} {start}", vmm.id()),
+        )
+        .unwrap();
+        // This shim itself is recorded as the pod's (and alive).
+        record_shim(&layout);
+        std::fs::write(bundle.join(POD_DIR_FILE), layout.dir.to_str().unwrap()).unwrap();
+
+        let reaper = std::thread::spawn(move || vmm.wait().unwrap());
+        let removed = stop_own_pod(&bundle, "ns", "c1");
+        assert!(!reaper.join().unwrap().success(), "the VMM was killed");
+        assert_eq!(removed, vec![layout.dir.clone()]);
+        assert!(!layout.dir.exists());
+        // Nothing left: a second stop finds nothing.
+        assert!(stop_own_pod(&bundle, "ns", "c1").is_empty());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! knows, stops it, unmounts what is left under its dir and removes it.
 
 use crate::harness::{run_with_timeout, Finished, TempDir};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -25,6 +26,8 @@ pub fn which(name: &str) -> Option<PathBuf> {
 pub struct Containerd {
     pub dir: TempDir,
     pub socket: PathBuf,
+    /// The containerd namespace `ctr` works in (CRI uses `k8s.io`).
+    pub namespace: &'static str,
     child: Option<Child>,
 }
 
@@ -33,16 +36,32 @@ impl Containerd {
     /// binary is linked), and `env` added to its environment (shims
     /// inherit it).
     pub fn start(tag: &str, bin_dir: &Path, env: &[(&str, &str)]) -> Result<Self, String> {
-        let dir = TempDir::new(tag);
+        Self::start_with(TempDir::new(tag), bin_dir, env, None, None)
+    }
+
+    /// Starts containerd in `dir`. `cri` enables the CRI plugin with that
+    /// config section (its text is appended to the config, `{dir}` replaced
+    /// by `dir`); `netns` runs containerd (and so its CNI plugins and
+    /// shims) in that network namespace.
+    pub fn start_with(
+        dir: TempDir,
+        bin_dir: &Path,
+        env: &[(&str, &str)],
+        cri: Option<&str>,
+        netns: Option<&Path>,
+    ) -> Result<Self, String> {
         let socket = dir.join("c.sock");
         let config = dir.join("containerd.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"version = 2
+        let disabled_cri = if cri.is_some() {
+            ""
+        } else {
+            "\"io.containerd.grpc.v1.cri\", "
+        };
+        let mut text = format!(
+            r#"version = 2
 root = "{root}"
 state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs", "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
+disabled_plugins = [{disabled_cri}"io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs", "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
 
 [grpc]
   address = "{socket}"
@@ -50,12 +69,16 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
 [ttrpc]
   address = "{socket}.ttrpc"
 "#,
-                root = dir.join("root").display(),
-                state = dir.join("state").display(),
-                socket = socket.display(),
-            ),
-        )
-        .map_err(|err| format!("writing {}: {err}", config.display()))?;
+            root = dir.join("root").display(),
+            state = dir.join("state").display(),
+            socket = socket.display(),
+        );
+        if let Some(cri) = cri {
+            text.push('\n');
+            text.push_str(&cri.replace("{dir}", &dir.path().display().to_string()));
+        }
+        std::fs::write(&config, text)
+            .map_err(|err| format!("writing {}: {err}", config.display()))?;
         let log = std::fs::File::create(dir.join("containerd.log"))
             .map_err(|err| format!("containerd log: {err}"))?;
         let log_err = log
@@ -75,18 +98,51 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
             .arg("--config")
             .arg(&config)
             .env("PATH", path)
+            // Its own process group: a terminal's Ctrl-C reaches only the
+            // test or bench, whose cleanup then stops containerd in order.
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
         for (key, value) in env {
             command.env(key, value);
         }
-        let child = command.spawn().map_err(|err| {
+        if let Some(netns) = netns {
+            let netns_file = std::fs::File::open(netns)
+                .map_err(|err| format!("opening netns {}: {err}", netns.display()))?;
+            use std::os::fd::AsRawFd;
+            let fd = netns_file.as_raw_fd();
+            // SAFETY: setns(2) is async-signal-safe; `fd` stays open in the
+            // parent (netns_file lives until spawn returns) and is inherited.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+            let spawned = command.spawn();
+            drop(netns_file);
+            return Self::wait_started(dir, socket, spawned);
+        }
+        let spawned = command.spawn();
+        Self::wait_started(dir, socket, spawned)
+    }
+
+    fn wait_started(
+        dir: TempDir,
+        socket: PathBuf,
+        spawned: std::io::Result<Child>,
+    ) -> Result<Self, String> {
+        let child = spawned.map_err(|err| {
             format!("cannot start {CONTAINERD} (apt-get install containerd): {err}")
         })?;
         let mut containerd = Self {
             dir,
             socket,
+            namespace: NAMESPACE,
             child: Some(child),
         };
         let deadline = Instant::now() + START_TIMEOUT;
@@ -122,7 +178,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
             .arg("--address")
             .arg(&self.socket)
             .arg("--namespace")
-            .arg(NAMESPACE)
+            .arg(self.namespace)
             .args(args);
         command
     }

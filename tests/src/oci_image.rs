@@ -119,6 +119,22 @@ pub fn busybox_layer() -> Result<Vec<u8>, String> {
 /// Writes the image-layout tar for `name` (for example
 /// `docker.io/library/busybox:microvm`) to `dir`, returns its path.
 pub fn write_busybox_image(dir: &Path, name: &str) -> Result<PathBuf, String> {
+    write_busybox_image_running(dir, name, &["/bin/sh"], "busybox-oci.tar")
+}
+
+/// A pause image for CRI sandboxes: busybox whose command sleeps until it
+/// is killed (CRI's pod needs a sandbox process that keeps running).
+pub fn write_pause_image(dir: &Path, name: &str) -> Result<PathBuf, String> {
+    write_busybox_image_running(dir, name, &["/bin/sleep", "2147483647"], "pause-oci.tar")
+}
+
+/// The busybox image with `cmd` as its command, written to `dir/file`.
+pub fn write_busybox_image_running(
+    dir: &Path,
+    name: &str,
+    cmd: &[&str],
+    file: &str,
+) -> Result<PathBuf, String> {
     let layer = busybox_layer()?;
     let layer_digest = digest(&layer);
     let config = serde_json::to_vec(&json!({
@@ -126,7 +142,7 @@ pub fn write_busybox_image(dir: &Path, name: &str) -> Result<PathBuf, String> {
         "os": "linux",
         "config": {
             "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-            "Cmd": ["/bin/sh"],
+            "Cmd": cmd,
             "WorkingDir": "/"
         },
         "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
@@ -188,7 +204,7 @@ pub fn write_busybox_image(dir: &Path, name: &str) -> Result<PathBuf, String> {
     let bytes = archive
         .into_inner()
         .map_err(|err| format!("finishing the archive: {err}"))?;
-    let path = dir.join("busybox-oci.tar");
+    let path = dir.join(file);
     std::fs::write(&path, bytes).map_err(|err| format!("writing {}: {err}", path.display()))?;
     Ok(path)
 }

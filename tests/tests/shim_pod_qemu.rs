@@ -12,7 +12,7 @@ use microvm_guest_image::initramfs::{self, Variant};
 use microvm_guest_image::kernel;
 use microvm_proto::agent::v1 as api;
 use microvm_shim::config::{BackendKind, Config};
-use microvm_shim::pod::{error_chain, Pod};
+use microvm_shim::pod::{error_chain, Pod, PodSettings};
 use microvm_tests::containerd::{mounts_under, pids_matching, which};
 use microvm_tests::harness::TempDir;
 use std::path::{Path, PathBuf};
@@ -78,8 +78,8 @@ async fn qemu_pods_boot_answer_and_leave_nothing_behind() {
     config.timeouts.agent_seconds = 60.0;
 
     let (first, second) = tokio::join!(
-        Pod::boot(&config, "ns", "pod-a"),
-        Pod::boot(&config, "ns", "pod-b")
+        Pod::boot(&config, "ns", "pod-a", PodSettings::default()),
+        Pod::boot(&config, "ns", "pod-b", PodSettings::default())
     );
     let logs = || {
         files_under(&work.join("logs"))

@@ -2,6 +2,8 @@
 //! on port I/O, virtio devices on MMIO slots with an irqfd each and an
 //! ioeventfd per queue.
 
+pub mod vhost_user_fs;
+
 use crate::arch::layout::{VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
 use crate::config::{devices::parse_mac, RateLimiterConfig, VmConfig};
 use crate::GuestMemoryMmap;
@@ -57,6 +59,11 @@ pub struct VirtioSlot {
     pub subscriber: Arc<Mutex<dyn MutEventSubscriber + Send>>,
     pub base: u64,
     pub irq: u32,
+    /// Set for devices whose queues an out-of-process vhost-user back-end
+    /// serves: the back-end writes this eventfd itself. It becomes the slot's
+    /// irqfd, and the transport reports the used-ring interrupt status (see
+    /// `vhost_user_fs::transport`).
+    pub backend_irqfd: Option<EventFd>,
 }
 
 fn slot<D>(name: String, device: D) -> VirtioSlot
@@ -70,6 +77,7 @@ where
         subscriber: shared,
         base: 0,
         irq: 0,
+        backend_irqfd: None,
     }
 }
 
@@ -87,6 +95,10 @@ pub struct GuestSinks {
 
 fn irq_trigger(vm: &VmFd, gsi: u32) -> Result<Arc<dyn IrqTrigger>, DeviceError> {
     let evt = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
+    irq_trigger_on(vm, evt, gsi)
+}
+
+fn irq_trigger_on(vm: &VmFd, evt: EventFd, gsi: u32) -> Result<Arc<dyn IrqTrigger>, DeviceError> {
     vm.register_irqfd(&evt, gsi)
         .map_err(|source| DeviceError::Kvm {
             op: "KVM_IRQFD",
@@ -115,7 +127,8 @@ fn serial_sink(config: &VmConfig) -> Result<Box<dyn Write + Send>, DeviceError> 
 }
 
 /// Creates the virtio devices named in the config, in slot order: vsock,
-/// disks (in config order, so the first is /dev/vda), net, rng.
+/// disks (in config order, so the first is /dev/vda), net, rng, fs shares
+/// (in config order; each connects to its back-end here).
 pub fn create_virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSlot>, DeviceError> {
     use microvm_devices::virtio::{block, net, rng, vsock};
     let mut slots = Vec::new();
@@ -161,6 +174,18 @@ pub fn create_virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSlot>, Devic
     if config.rng {
         let device = rng::Rng::new().map_err(|e| fail("rng", &e))?;
         slots.push(slot("rng".into(), device));
+    }
+    for (index, share) in config.fs.iter().enumerate() {
+        let name = format!("fs[{index}]");
+        let device = vhost_user_fs::VhostUserFs::connect(share)
+            .map_err(|e| fail(&name, &crate::vmm::error_chain(&e)))?;
+        let irqfd = device
+            .interrupt_eventfd()
+            .try_clone()
+            .map_err(DeviceError::EventFd)?;
+        let mut fs_slot = slot(name, device);
+        fs_slot.backend_irqfd = Some(irqfd);
+        slots.push(fs_slot);
     }
     Ok(slots)
 }
@@ -216,7 +241,13 @@ pub fn build(
     for (index, mut slot) in virtio.into_iter().enumerate() {
         slot.base = VIRTIO_MMIO_BASE + index as u64 * VIRTIO_MMIO_SIZE;
         slot.irq = VIRTIO_IRQ_BASE + index as u32;
-        let interrupt = Arc::new(VirtioInterrupt::new(irq_trigger(vm, slot.irq)?));
+        let trigger = match &slot.backend_irqfd {
+            Some(evt) => {
+                irq_trigger_on(vm, evt.try_clone().map_err(DeviceError::EventFd)?, slot.irq)?
+            }
+            None => irq_trigger(vm, slot.irq)?,
+        };
+        let interrupt = Arc::new(VirtioInterrupt::new(trigger));
         let transport =
             MmioTransport::new(mem.clone(), slot.device.clone(), interrupt).map_err(|e| {
                 DeviceError::Virtio {
@@ -236,8 +267,14 @@ pub fn build(
             })?;
         }
         let range = MmioRange::new(MmioAddress(slot.base), VIRTIO_MMIO_SIZE).map_err(bus_err)?;
-        bus.register_mmio(range, Arc::new(Mutex::new(transport)))
-            .map_err(bus_err)?;
+        if slot.backend_irqfd.is_some() {
+            let transport = vhost_user_fs::VhostUserMmio::new(transport);
+            bus.register_mmio(range, Arc::new(Mutex::new(transport)))
+                .map_err(bus_err)?;
+        } else {
+            bus.register_mmio(range, Arc::new(Mutex::new(transport)))
+                .map_err(bus_err)?;
+        }
         slots.push(slot);
     }
 

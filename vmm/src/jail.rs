@@ -178,6 +178,10 @@ pub fn plan(config: &VmConfig, api_sock: Option<&Path>) -> Result<JailPlan, Jail
     if let Some(vsock) = &mut config.vsock {
         vsock.uds_path = socket(&vsock.uds_path)?;
     }
+    // virtio-fs back-end sockets (virtiofsd listens; the VMM connects).
+    for share in &mut config.fs {
+        share.socket = socket(&share.socket)?;
+    }
     let api_sock = api_sock.map(&mut socket).transpose()?;
     for (i, dir) in socket_dirs.iter().enumerate() {
         mounts.push(Mount {

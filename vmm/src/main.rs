@@ -4,8 +4,8 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use microvm_vmm::api::ApiServer;
 use microvm_vmm::config::{
-    BootConfig, CpuTemplate, DiskConfig, MachineConfig, NetConfig, SerialConfig, VmConfig,
-    VsockConfig,
+    BootConfig, CpuTemplate, DiskConfig, FsConfig, MachineConfig, NetConfig, SerialConfig,
+    VmConfig, VsockConfig,
 };
 use microvm_vmm::jail;
 use microvm_vmm::seccomp::SeccompFilters;
@@ -76,9 +76,18 @@ struct Args {
     #[arg(long, default_value_t = 3, requires = "vsock_uds")]
     vsock_cid: u64,
 
-    /// Tap device for a virtio-net interface. Repeatable.
-    #[arg(long, value_name = "NAME", requires = "kernel")]
+    /// Tap device for a virtio-net interface, optionally with the guest
+    /// MAC: `tap0` or `tap0,mac=02:00:00:00:00:01`. Repeatable.
+    #[arg(long, value_name = "NAME[,mac=MAC]", requires = "kernel")]
     tap: Vec<String>,
+
+    /// virtio-fs share served by a vhost-user back-end listening on SOCKET
+    /// (e.g. `virtiofsd --socket-path SOCKET --shared-dir DIR`); the guest
+    /// mounts it with `mount -t virtiofs TAG /mnt`. Optional keys:
+    /// num_queues=N (request queues, default 1), queue_size=N (default 1024).
+    /// Repeatable.
+    #[arg(long, value_name = "SOCKET,tag=TAG", value_parser = FsConfig::from_cli, requires = "kernel")]
+    fs: Vec<FsConfig>,
 
     /// Do not offer a virtio-rng device.
     #[arg(long, requires = "kernel")]
@@ -169,13 +178,20 @@ fn config_from_flags(args: &Args) -> Option<VmConfig> {
         net: args
             .tap
             .iter()
-            .map(|tap| NetConfig {
-                tap: tap.clone(),
-                mac: None,
-                rx_rate_limiter: None,
-                tx_rate_limiter: None,
+            .map(|tap| {
+                let (name, mac) = match tap.split_once(",mac=") {
+                    Some((name, mac)) => (name, Some(mac.to_owned())),
+                    None => (tap.as_str(), None),
+                };
+                NetConfig {
+                    tap: name.to_owned(),
+                    mac,
+                    rx_rate_limiter: None,
+                    tx_rate_limiter: None,
+                }
             })
             .collect(),
+        fs: args.fs.clone(),
         rng: !args.no_rng,
         seccomp: true,
     })

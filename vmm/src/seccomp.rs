@@ -5,7 +5,9 @@
 //! API, pause/resume and teardown) plus what glibc and Rust need to allocate,
 //! block on a futex, take a signal and exit:
 //! - `vcpu`: KVM_RUN, the device models' MMIO/PIO work (serial writes,
-//!   eventfd kicks, queue-event dups at activation), exit.
+//!   eventfd kicks, queue-event dups at activation, and the vhost-user
+//!   requests a virtio-fs activation or reset makes: sendmsg with SCM_RIGHTS
+//!   and recvmsg on the back-end socket, shutdown when it fails), exit.
 //! - `vmm`: the controller and event loop (epoll, device back-ends, vCPU kicks)
 //!   and the teardown after the VM stops (closing, unmapping, unlinking its
 //!   sockets).
@@ -212,7 +214,9 @@ fn allow_list(
     }
     rules.insert(libc::SYS_tgkill, arg_in(kind, 2, &signals)?);
     let unconditional: &[i64] = match kind {
-        ThreadKind::Vcpu => &[],
+        // vhost-user requests at virtio-fs activation and reset, and the
+        // shutdown of the back-end socket when one fails.
+        ThreadKind::Vcpu => &[libc::SYS_sendmsg, libc::SYS_recvmsg, libc::SYS_shutdown],
         ThreadKind::Vmm => &[
             libc::SYS_epoll_wait,
             libc::SYS_epoll_pwait,

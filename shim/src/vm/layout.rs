@@ -15,10 +15,25 @@ pub struct PodLayout {
     pub log_file: PathBuf,
 }
 
+/// The longest socket path the pod dir must hold: `vu.sock` plus the
+/// `_<port>` suffix vhost-device-vsock appends for guest-initiated
+/// connections, within sun_path's 108 bytes (NUL included).
+const LONGEST_SOCKET_SUFFIX: &str = "/vu.sock_4294967295";
+const SUN_PATH_MAX: usize = 107;
+
 impl PodLayout {
+    /// The pod dir is named by the pod id; when a long state dir would push
+    /// its sockets past sun_path, by a stable short form of the id instead
+    /// (its first 12 characters and a hash of all of it).
     pub fn new(state_dir: &Path, log_dir: &Path, namespace: &str, pod_id: &str) -> Self {
+        let parent = state_dir.join(namespace);
+        let mut dir = parent.join(pod_id);
+        if dir.as_os_str().len() + LONGEST_SOCKET_SUFFIX.len() > SUN_PATH_MAX {
+            let prefix: String = pod_id.chars().take(12).collect();
+            dir = parent.join(format!("{prefix}-{:016x}", fnv1a(pod_id.as_bytes())));
+        }
         Self {
-            dir: state_dir.join(namespace).join(pod_id),
+            dir,
             log_file: log_dir.join(format!("{namespace}-{pod_id}.log")),
         }
     }
@@ -59,6 +74,14 @@ impl PodLayout {
     }
 }
 
+/// FNV-1a: a hash that stays the same across builds (std's hasher may
+/// not), so a newer shim's `delete` finds the dir an older one made.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,9 +108,31 @@ mod tests {
             layout.log_file,
             PathBuf::from(format!("/var/log/microvm/k8s.io-{id}.log"))
         );
+        assert_eq!(layout.dir, Path::new("/run/microvm/k8s.io").join(&id));
         assert_eq!(
             PodLayout::guest_rootfs("c1"),
             "/run/microvm/shared/c1/rootfs"
         );
+    }
+
+    #[test]
+    fn a_long_state_dir_gets_a_short_stable_pod_dir() {
+        let id = "f670e623546846e1eda3c716eda8fb515284e6a1db2e298b700b6c78bb96697a";
+        let state = Path::new("/tmp/a-rather-long-test-directory-name-12345/state");
+        let layout = PodLayout::new(state, Path::new("/l"), "k8s.io", id);
+        let again = PodLayout::new(state, Path::new("/l"), "k8s.io", id);
+        assert_eq!(layout.dir, again.dir);
+        let name = layout
+            .dir
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        assert!(name.starts_with("f670e6235468-"), "{name}");
+        assert!(layout.vhost_vsock_socket().as_os_str().len() + 11 < 108);
+        let other = PodLayout::new(state, Path::new("/l"), "k8s.io", &id.replace('f', "e"));
+        assert_ne!(layout.dir, other.dir);
+        // The log keeps the full id: it is not a socket.
+        assert!(layout.log_file.to_string_lossy().contains(id));
     }
 }

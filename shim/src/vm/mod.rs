@@ -5,6 +5,7 @@
 //! the shim the same agent channel: hybrid vsock on
 //! [`layout::PodLayout::agent_socket`].
 
+pub mod cgroup;
 pub mod layout;
 pub mod supervisor;
 
@@ -36,6 +37,19 @@ pub struct PodVmSpec {
     pub memory_mib: u32,
     pub debug_console: bool,
     pub virtiofsd: PathBuf,
+    /// The pod's network: the VMM runs in this netns, on this tap.
+    pub nic: Option<VmNic>,
+    /// The pod's host cgroup (cgroupfs path), if it has one.
+    pub host_cgroup: Option<String>,
+}
+
+/// The VM's network interface: a tap in the pod's network namespace, with
+/// the MAC of the pod's veth (so the guest answers for the pod's address).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmNic {
+    pub netns: PathBuf,
+    pub tap: String,
+    pub mac: String,
 }
 
 /// One host process of the pod.
@@ -49,12 +63,12 @@ pub struct ProcessSpec {
     pub ready_socket: Option<PathBuf>,
     /// This process is the VM itself: its exit is the VM's exit.
     pub is_vmm: bool,
+    /// Start it in this network namespace (the pod's, for the VMM).
+    pub netns: Option<PathBuf>,
 }
 
 pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
-    /// Whether the VM gets virtio-fs (the container rootfs needs it).
-    fn shares_files(&self) -> bool;
     /// The processes to run, in start order.
     fn plan(&self, spec: &PodVmSpec) -> Vec<ProcessSpec>;
 }
@@ -63,6 +77,10 @@ pub fn backend_for(config: &Config) -> Box<dyn Backend> {
     match config.backend {
         BackendKind::Builtin => Box::new(BuiltinBackend {
             vmm: config.builtin.vmm.clone(),
+            jail: config.builtin.jail.then_some(Jail {
+                uid: config.builtin.jail_uid,
+                gid: config.builtin.jail_gid,
+            }),
         }),
         BackendKind::Qemu => Box::new(QemuBackend {
             qemu: config.qemu.binary.clone(),
@@ -165,13 +183,23 @@ fn virtiofsd(spec: &PodVmSpec) -> ProcessSpec {
         ],
         ready_socket: Some(layout.virtiofs_socket()),
         is_vmm: false,
+        netns: None,
     }
 }
 
-/// `microvm-vmm`: one process, serving hybrid vsock itself.
+/// `virtiofsd`, then `microvm-vmm`, which serves hybrid vsock itself and
+/// reaches virtiofsd over vhost-user.
 #[derive(Debug, Clone)]
 pub struct BuiltinBackend {
     pub vmm: PathBuf,
+    /// `None`: `builtin.jail = false`.
+    pub jail: Option<Jail>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Jail {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
 }
 
 impl Backend for BuiltinBackend {
@@ -179,39 +207,59 @@ impl Backend for BuiltinBackend {
         "builtin"
     }
 
-    /// microvm-vmm has no vhost-user-fs device yet (docs/vmm-api.md).
-    fn shares_files(&self) -> bool {
-        false
-    }
-
     fn plan(&self, spec: &PodVmSpec) -> Vec<ProcessSpec> {
         let layout = &spec.layout;
+        let mut args = Vec::new();
+        if let Some(jail) = &self.jail {
+            // microvm-vmm's jail: the root is made fresh under the pod dir;
+            // its cgroup goes below the pod's host cgroup when there is one.
+            args.extend([os("--jail"), layout.dir.join("root").into()]);
+            if let Some(cgroup) = &spec.host_cgroup {
+                args.extend([os("--cgroup-parent"), os(cgroup.trim_start_matches('/'))]);
+            }
+            if let Some(uid) = jail.uid {
+                args.extend([os("--uid"), os(uid.to_string())]);
+            }
+            if let Some(gid) = jail.gid {
+                args.extend([os("--gid"), os(gid.to_string())]);
+            }
+        }
+        args.extend([
+            os("--kernel"),
+            spec.kernel.clone().into(),
+            os("--initrd"),
+            spec.initramfs.clone().into(),
+            os("--cmdline"),
+            os(cmdline(
+                microvm_guest_image::KERNEL_CMDLINE.to_owned(),
+                spec,
+            )),
+            os("--vcpus"),
+            os(spec.vcpus.to_string()),
+            os("--memory-mib"),
+            os(spec.memory_mib.to_string()),
+            os("--vsock-uds"),
+            layout.agent_socket().into(),
+            os("--serial-output"),
+            layout.log_file.clone().into(),
+        ]);
+        // virtio-fs through virtiofsd (vhost-user), as with QEMU.
+        let mut fs = OsString::from(layout.virtiofs_socket());
+        fs.push(format!(",tag={SHARED_FS_TAG}"));
+        args.extend([os("--fs"), fs]);
+        if let Some(nic) = &spec.nic {
+            args.push(os("--tap"));
+            args.push(os(format!("{},mac={}", nic.tap, nic.mac)));
+        }
         let vmm = ProcessSpec {
             name: "vmm",
             program: self.vmm.clone(),
-            args: vec![
-                os("--kernel"),
-                spec.kernel.clone().into(),
-                os("--initrd"),
-                spec.initramfs.clone().into(),
-                os("--cmdline"),
-                os(cmdline(
-                    microvm_guest_image::KERNEL_CMDLINE.to_owned(),
-                    spec,
-                )),
-                os("--vcpus"),
-                os(spec.vcpus.to_string()),
-                os("--memory-mib"),
-                os(spec.memory_mib.to_string()),
-                os("--vsock-uds"),
-                layout.agent_socket().into(),
-                os("--serial-output"),
-                layout.log_file.clone().into(),
-            ],
+            args,
             ready_socket: Some(layout.agent_socket()),
             is_vmm: true,
+            netns: spec.nic.as_ref().map(|nic| nic.netns.clone()),
         };
-        vec![vmm]
+        vec![virtiofsd(spec), vmm]
     }
 }
 
@@ -230,10 +278,6 @@ impl Backend for QemuBackend {
         "qemu"
     }
 
-    fn shares_files(&self) -> bool {
-        true
-    }
-
     fn plan(&self, spec: &PodVmSpec) -> Vec<ProcessSpec> {
         let layout = &spec.layout;
         let vsock = ProcessSpec {
@@ -249,6 +293,7 @@ impl Backend for QemuBackend {
             ],
             ready_socket: Some(layout.vhost_vsock_socket()),
             is_vmm: false,
+            netns: None,
         };
         let (accel, cpu) = match self.accel {
             Accel::Kvm => ("kvm", "host"),
@@ -307,7 +352,23 @@ impl Backend for QemuBackend {
             ],
                 ready_socket: None,
                 is_vmm: true,
+                netns: None,
             };
+        let mut qemu = qemu;
+        if let Some(nic) = &spec.nic {
+            // QEMU runs in the pod's netns and opens the tap the shim made
+            // there by name; vhost=off: this host has no /dev/vhost-net.
+            qemu.args.extend([
+                os("-netdev"),
+                os(format!(
+                    "tap,id=net0,ifname={},script=no,downscript=no,vhost=off",
+                    nic.tap
+                )),
+                os("-device"),
+                os(format!("virtio-net-device,netdev=net0,mac={}", nic.mac)),
+            ]);
+            qemu.netns = Some(nic.netns.clone());
+        }
         vec![virtiofsd(spec), vsock, qemu]
     }
 }
@@ -327,7 +388,45 @@ mod tests {
             memory_mib: 256,
             debug_console: false,
             virtiofsd: "virtiofsd".into(),
+            nic: None,
+            host_cgroup: None,
         }
+    }
+
+    fn with_nic() -> PodVmSpec {
+        let mut spec = spec();
+        spec.nic = Some(VmNic {
+            netns: "/var/run/netns/cni-1".into(),
+            tap: "tap0_microvm".into(),
+            mac: "0a:58:0a:58:5b:02".into(),
+        });
+        spec
+    }
+
+    #[test]
+    fn the_vmm_alone_runs_in_the_pod_netns_on_its_tap() {
+        let qemu = QemuBackend {
+            qemu: "q".into(),
+            accel: Accel::Tcg,
+            vhost_device_vsock: "v".into(),
+        };
+        let plan = qemu.plan(&with_nic());
+        assert_eq!(plan[0].netns, None);
+        assert_eq!(plan[1].netns, None);
+        assert_eq!(plan[2].netns, Some(PathBuf::from("/var/run/netns/cni-1")));
+        let args = joined(&plan[2]);
+        assert!(args.contains(
+            "-netdev tap,id=net0,ifname=tap0_microvm,script=no,downscript=no,vhost=off -device virtio-net-device,netdev=net0,mac=0a:58:0a:58:5b:02"
+        ), "{args}");
+        assert!(!joined(&qemu.plan(&spec())[2]).contains("-netdev"));
+        let builtin = BuiltinBackend {
+            vmm: "m".into(),
+            jail: None,
+        };
+        let plan = builtin.plan(&with_nic());
+        assert_eq!(plan[0].netns, None, "virtiofsd stays in the host netns");
+        assert_eq!(plan[1].netns, Some(PathBuf::from("/var/run/netns/cni-1")));
+        assert!(joined(&plan[1]).contains("--tap tap0_microvm,mac=0a:58:0a:58:5b:02"));
     }
 
     fn joined(process: &ProcessSpec) -> String {
@@ -392,20 +491,51 @@ mod tests {
     fn builtin_plan_is_one_vmm_serving_hybrid_vsock() {
         let backend = BuiltinBackend {
             vmm: "/bin/microvm-vmm".into(),
+            jail: None,
         };
         let mut spec = spec();
         spec.debug_console = true;
         let plan = backend.plan(&spec);
-        assert_eq!(plan.len(), 1);
-        assert!(plan[0].is_vmm);
-        assert_eq!(plan[0].program, PathBuf::from("/bin/microvm-vmm"));
-        let args = joined(&plan[0]);
+        let names: Vec<_> = plan.iter().map(|p| p.name).collect();
+        assert_eq!(names, ["virtiofsd", "vmm"]);
+        assert!(plan[1].is_vmm && !plan[0].is_vmm);
+        assert_eq!(plan[1].program, PathBuf::from("/bin/microvm-vmm"));
+        let args = joined(&plan[1]);
         assert!(args.contains("--vsock-uds /run/mv/ns/pod/vs.sock"));
         assert!(args.contains("--serial-output /var/log/mv/ns-pod.log"));
         assert!(args.contains("--vcpus 2 --memory-mib 256"));
         assert!(args.contains("reboot=k"));
         assert!(args.contains("microvm_debug_shell=1"));
-        assert!(!backend.shares_files());
+        assert!(args.contains("--fs /run/mv/ns/pod/fs.sock,tag=microvm-shared"));
+    }
+
+    #[test]
+    fn builtin_jails_the_vmm_by_default_under_the_pod_cgroup() {
+        let config = Config::default();
+        assert!(config.builtin.jail);
+        let backend = backend_for(&config);
+        let mut in_pod_cgroup = spec();
+        in_pod_cgroup.host_cgroup = Some("/kubepods/pod1/sandbox".into());
+        let plan = backend.plan(&in_pod_cgroup);
+        let args = joined(&plan[1]);
+        assert!(
+            args.starts_with(
+                "--jail /run/mv/ns/pod/root --cgroup-parent kubepods/pod1/sandbox --kernel"
+            ),
+            "{args}"
+        );
+        let jailed_as_user = BuiltinBackend {
+            vmm: "m".into(),
+            jail: Some(Jail {
+                uid: Some(1000),
+                gid: Some(1000),
+            }),
+        };
+        assert!(joined(&jailed_as_user.plan(&spec())[1])
+            .starts_with("--jail /run/mv/ns/pod/root --uid 1000 --gid 1000 --kernel"));
+        let mut unjailed = Config::default();
+        unjailed.builtin.jail = false;
+        assert!(joined(&backend_for(&unjailed).plan(&spec())[1]).starts_with("--kernel"));
     }
 
     #[test]

@@ -4,8 +4,10 @@
 //! dropped kills what it started; [`PodVm::shutdown`] also waits for the
 //! processes and removes their pid files and sockets.
 
+use super::cgroup::{join_in_child, HostCgroup};
 use super::layout::PodLayout;
 use super::ProcessSpec;
+use crate::network::NetnsForChild;
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -19,6 +21,8 @@ const REAP_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
+    #[error("cannot start {name} in the pod's network namespace: {detail}")]
+    Netns { name: &'static str, detail: String },
     #[error("cannot create {path}")]
     Prepare {
         path: PathBuf,
@@ -74,46 +78,55 @@ pub struct ExitWatch {
     watched: Vec<(&'static str, bool, watch::Receiver<Option<String>>)>,
 }
 
+/// How long a helper's exit waits for the VMM's: when the VMM dies, its
+/// vhost-user back-ends exit too and may be reaped first.
+const VMM_EXIT_GRACE: Duration = Duration::from_millis(500);
+
 impl ExitWatch {
-    /// The first process of the pod to exit.
+    /// The first process of the pod to exit; the VMM's exit if it follows
+    /// a helper's within [`VMM_EXIT_GRACE`] (it is the telling one).
     pub async fn first_exit(mut self) -> ProcessExit {
-        let waits = self.watched.iter_mut().map(|(name, is_vmm, exited)| {
-            let name = *name;
-            let is_vmm = *is_vmm;
-            Box::pin(async move {
-                let status = match exited.wait_for(Option::is_some).await {
-                    Ok(status) => status.clone().unwrap_or_default(),
-                    Err(_) => "supervisor gone".to_owned(),
-                };
-                ProcessExit {
-                    name,
-                    is_vmm,
-                    status,
-                }
-            })
-        });
-        let waits: Vec<_> = waits.collect();
+        async fn exit_of(
+            name: &'static str,
+            is_vmm: bool,
+            exited: &mut watch::Receiver<Option<String>>,
+        ) -> ProcessExit {
+            let status = match exited.wait_for(Option::is_some).await {
+                Ok(status) => status.clone().unwrap_or_default(),
+                Err(_) => "supervisor gone".to_owned(),
+            };
+            ProcessExit {
+                name,
+                is_vmm,
+                status,
+            }
+        }
+        let mut vmm = self
+            .watched
+            .iter()
+            .find(|(_, is_vmm, _)| *is_vmm)
+            .map(|(name, _, exited)| (*name, exited.clone()));
+        let waits: Vec<_> = self
+            .watched
+            .iter_mut()
+            .map(|(name, is_vmm, exited)| Box::pin(exit_of(name, *is_vmm, exited)))
+            .collect();
         if waits.is_empty() {
             return std::future::pending().await;
         }
-        futures_select_all(waits).await
-    }
-}
-
-/// `futures::future::select_all` without the dependency: polls each.
-async fn futures_select_all<F>(mut futures: Vec<std::pin::Pin<Box<F>>>) -> F::Output
-where
-    F: std::future::Future + ?Sized,
-{
-    std::future::poll_fn(move |cx| {
-        for future in futures.iter_mut() {
-            if let std::task::Poll::Ready(output) = future.as_mut().poll(cx) {
-                return std::task::Poll::Ready(output);
+        let (first, _, _) = futures_util::future::select_all(waits).await;
+        if first.is_vmm {
+            return first;
+        }
+        if let Some((name, exited)) = vmm.as_mut() {
+            if let Ok(vmm_exit) =
+                tokio::time::timeout(VMM_EXIT_GRACE, exit_of(name, true, exited)).await
+            {
+                return vmm_exit;
             }
         }
-        std::task::Poll::Pending
-    })
-    .await
+        first
+    }
 }
 
 #[derive(Debug)]
@@ -121,6 +134,8 @@ pub struct PodVm {
     layout: PodLayout,
     processes: Vec<Supervised>,
     sockets: Vec<PathBuf>,
+    /// The pod cgroup's `cgroup.procs` files each process joins.
+    cgroup_procs: Vec<std::ffi::CString>,
 }
 
 impl PodVm {
@@ -130,6 +145,7 @@ impl PodVm {
         plan: Vec<ProcessSpec>,
         layout: &PodLayout,
         ready_timeout: Duration,
+        cgroup: Option<&HostCgroup>,
     ) -> Result<Self, LaunchError> {
         for dir in [layout.dir.clone(), layout.pid_dir()] {
             std::fs::create_dir_all(&dir)
@@ -145,6 +161,7 @@ impl PodVm {
             layout: layout.clone(),
             processes: Vec::new(),
             sockets: Vec::new(),
+            cgroup_procs: cgroup.map(HostCgroup::procs_files).unwrap_or_default(),
         };
         for process in plan {
             if let Err(err) = vm.start_one(process, ready_timeout).await {
@@ -162,7 +179,10 @@ impl PodVm {
     ) -> Result<(), LaunchError> {
         let log = &self.layout.log_file;
         let open_log = || {
+            use std::os::unix::fs::OpenOptionsExt;
             OpenOptions::new()
+                // The guest's console is the tenant's: root only.
+                .mode(0o600)
                 .create(true)
                 .append(true)
                 .open(log)
@@ -176,7 +196,29 @@ impl PodVm {
             let _ = std::fs::remove_file(socket);
             self.sockets.push(socket.clone());
         }
+        let netns = match &spec.netns {
+            Some(path) => Some(NetnsForChild::open(path).map_err(|err| LaunchError::Netns {
+                name: spec.name,
+                detail: err.to_string(),
+            })?),
+            None => None,
+        };
         let mut command = tokio::process::Command::new(&spec.program);
+        if !self.cgroup_procs.is_empty() {
+            let procs = self.cgroup_procs.clone();
+            // SAFETY: join_in_child only opens, writes and closes files
+            // whose paths were built before the fork.
+            unsafe {
+                command.pre_exec(move || join_in_child(&procs));
+            }
+        }
+        if let Some(netns) = netns {
+            // SAFETY: `enter` is one setns(2) on an fd opened before the
+            // fork: async-signal-safe, and it moves only the child.
+            unsafe {
+                command.pre_exec(move || netns.enter());
+            }
+        }
         // SAFETY: runs in the forked child before exec; prctl is
         // async-signal-safe and touches no state of this process.
         unsafe {
@@ -277,14 +319,18 @@ impl PodVm {
     }
 
     /// Whether any process of the pod has exited.
+    /// The VMM's exit if it exited (helpers exit when it does, and the
+    /// VMM's is the telling one), else a helper's.
     pub fn any_exited(&self) -> Option<ProcessExit> {
-        self.processes.iter().find_map(|p| {
+        let exit = |p: &Supervised| {
             p.exited.borrow().clone().map(|status| ProcessExit {
                 name: p.name,
                 is_vmm: p.is_vmm,
                 status,
             })
-        })
+        };
+        let vmm = self.processes.iter().filter(|p| p.is_vmm).find_map(exit);
+        vmm.or_else(|| self.processes.iter().find_map(exit))
     }
 
     /// Kills every process (the VMM first), waits until each is reaped,
@@ -411,6 +457,7 @@ mod tests {
             args: vec!["-c".into(), script.into()],
             ready_socket: ready,
             is_vmm,
+            netns: None,
         }
     }
 
@@ -439,7 +486,7 @@ mod tests {
                 true,
             ),
         ];
-        let mut vm = PodVm::launch(plan, &layout, Duration::from_secs(5))
+        let mut vm = PodVm::launch(plan, &layout, Duration::from_secs(5), None)
             .await
             .unwrap();
         let pids = vm.pids();
@@ -472,7 +519,7 @@ mod tests {
                 true,
             ),
         ];
-        let err = PodVm::launch(plan, &layout, Duration::from_secs(5))
+        let err = PodVm::launch(plan, &layout, Duration::from_secs(5), None)
             .await
             .unwrap_err();
         let message = err.to_string();
@@ -505,7 +552,7 @@ mod tests {
             Some(layout.dir.join("never.sock")),
             false,
         )];
-        let err = PodVm::launch(plan, &layout, Duration::from_millis(100))
+        let err = PodVm::launch(plan, &layout, Duration::from_millis(100), None)
             .await
             .unwrap_err();
         assert!(matches!(err, LaunchError::NotReady { name: "slow", .. }));
@@ -516,8 +563,9 @@ mod tests {
             args: vec![],
             ready_socket: None,
             is_vmm: true,
+            netns: None,
         }];
-        let err = PodVm::launch(plan, &layout, Duration::from_millis(100))
+        let err = PodVm::launch(plan, &layout, Duration::from_millis(100), None)
             .await
             .unwrap_err();
         assert!(err.to_string().contains("/nonexistent/microvm-vmm"));
@@ -531,7 +579,7 @@ mod tests {
             sh("helper", "exec sleep 60", None, false),
             sh("vmm", "sleep 0.2; exit 7", None, true),
         ];
-        let mut vm = PodVm::launch(plan, &layout, Duration::from_secs(5))
+        let mut vm = PodVm::launch(plan, &layout, Duration::from_secs(5), None)
             .await
             .unwrap();
         let exit = tokio::time::timeout(Duration::from_secs(5), vm.exit_watch().first_exit())

@@ -5,12 +5,14 @@
 
 pub mod boot;
 pub mod devices;
+pub mod fs;
 mod machine;
 
 pub use boot::BootConfig;
 pub use devices::{
     DiskConfig, NetConfig, RateLimiterConfig, SerialConfig, TokenBucketConfig, VsockConfig,
 };
+pub use fs::FsConfig;
 pub use machine::{CpuTemplate, MachineConfig};
 
 use serde::{Deserialize, Serialize};
@@ -30,6 +32,9 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     #[serde(default)]
     pub net: Vec<NetConfig>,
+    /// virtio-fs shares served by vhost-user back-ends (virtiofsd).
+    #[serde(default)]
+    pub fs: Vec<FsConfig>,
     /// Offer a virtio-rng device.
     #[serde(default = "default_true")]
     pub rng: bool,
@@ -87,6 +92,20 @@ pub enum ConfigError {
     VsockConnections { got: usize, max: usize },
     #[error("vsock.conn_buffer_bytes must be between 4096 and {max}, got {got}")]
     VsockBuffer { got: u32, max: u32 },
+    #[error("fs[{index}].tag {tag:?} is not a valid mount tag: {reason}")]
+    FsTag {
+        index: usize,
+        tag: String,
+        reason: &'static str,
+    },
+    #[error("fs[{index}].tag {tag:?} is used by an earlier share")]
+    FsDuplicateTag { index: usize, tag: String },
+    #[error("fs[{index}].num_queues must be between 1 and {max}, got {got}")]
+    FsQueues { index: usize, got: u16, max: u16 },
+    #[error("fs[{index}].queue_size must be a power of two up to 32768, got {got}")]
+    FsQueueSize { index: usize, got: u16 },
+    #[error("fs[{index}].socket {path}: no such unix socket (start virtiofsd first)")]
+    FsSocketMissing { index: usize, path: PathBuf },
 }
 
 /// Smallest guest the loader can place a kernel, initrd and tables in.
@@ -186,6 +205,7 @@ impl VmConfig {
                 });
             }
         }
+        fs::validate_all(&self.fs)?;
         let count = self.virtio_device_count();
         if count > crate::arch::layout::VIRTIO_MMIO_MAX_DEVICES {
             return Err(ConfigError::TooManyDevices {
@@ -201,6 +221,7 @@ impl VmConfig {
             + self.disks.len()
             + self.net.len()
             + usize::from(self.rng)
+            + self.fs.len()
     }
 }
 
