@@ -41,7 +41,10 @@ probe_status=${PIPESTATUS[0]}
 set -e
 # One closing line over every test binary ("ignored" tests are skips; each
 # prints why, e.g. the Linux-under-KVM boot on a PVM host).
+# A test binary that died (a signal, a timeout) prints no result line:
+# it counts as one failure.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
+     /process didn.t exit successfully/ && !/exit status: 101/ { f += 1 }
      END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
 
 # Every guest-facing parser's fuzz target for 30 s, after replaying its

@@ -86,7 +86,7 @@ fn rootfs_entries(prefix: &str) -> Result<Vec<Entry>, String> {
 }
 
 /// Kills and reaps a helper process on drop.
-struct Helper(Child);
+pub struct Helper(Child);
 
 impl Drop for Helper {
     fn drop(&mut self) {
@@ -111,7 +111,8 @@ fn die_with_parent(command: &mut Command) -> &mut Command {
     }
 }
 
-fn spawn_helper(command: &mut Command, log: &Path) -> Result<Helper, String> {
+/// Spawns `command` with its stderr in `log`; it dies with its parent.
+pub fn spawn_helper(command: &mut Command, log: &Path) -> Result<Helper, String> {
     let log_file = std::fs::File::create(log).map_err(|err| err.to_string())?;
     let child = die_with_parent(command)
         .stdin(Stdio::null())
@@ -120,6 +121,66 @@ fn spawn_helper(command: &mut Command, log: &Path) -> Result<Helper, String> {
         .spawn()
         .map_err(|err| format!("spawn {command:?}: {err}"))?;
     Ok(Helper(child))
+}
+
+/// Writes the guest's initramfs to `path`: the static agent as `/init`,
+/// and `extra`.
+pub fn write_agent_initrd(path: &Path, extra: Vec<Entry>) -> Result<(), String> {
+    let agent_path = initramfs::build_agent().map_err(|err| format!("static agent: {err}"))?;
+    let agent = std::fs::read(&agent_path).map_err(|err| format!("read the agent: {err}"))?;
+    let mut entries = initramfs::entries(agent, None);
+    entries.extend(extra);
+    let archive = initramfs::write_newc(&entries, Vec::new()).map_err(|err| err.to_string())?;
+    std::fs::write(path, archive).map_err(|err| err.to_string())
+}
+
+/// QEMU (microvm machine, TCG, `memory_mib` of shareable RAM) booting
+/// `kernel` and `initrd`, its serial console in `console` and its vsock
+/// on the vhost-user socket `vhost_socket`.
+pub fn qemu_command(
+    qemu: &Path,
+    memory_mib: u32,
+    kernel: &Path,
+    initrd: &Path,
+    console: &Path,
+    vhost_socket: &Path,
+) -> Command {
+    let memory_backend = format!("memory-backend-memfd,id=mem,size={memory_mib}M,share=on");
+    let memory = memory_mib.to_string();
+    let mut command = Command::new(qemu);
+    command
+        .args([
+            "-M",
+            "microvm,acpi=off,x-option-roms=off,isa-serial=on,rtc=off,memory-backend=mem",
+            "-object",
+            memory_backend.as_str(),
+            "-m",
+            memory.as_str(),
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-no-reboot",
+        ])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-append")
+        .arg(format!(
+            "{} microvm_agent_log=microvm_agent=debug",
+            qemu_cmdline()
+        ))
+        .arg("-chardev")
+        .arg(format!("socket,id=vsock0,path={}", vhost_socket.display()))
+        .args(["-device", "vhost-user-vsock-device,chardev=vsock0"]);
+    command
 }
 
 fn wait_for(path: &Path, timeout: Duration) -> bool {
@@ -140,14 +201,10 @@ pub struct GuestAgent {
 impl GuestAgent {
     pub fn boot(tag: &str) -> Result<Self, String> {
         let kernel = kernel::kernel().map_err(|err| format!("guest kernel: {err}"))?;
-        let agent_path = initramfs::build_agent().map_err(|err| format!("static agent: {err}"))?;
-        let agent = std::fs::read(&agent_path).map_err(|err| format!("read the agent: {err}"))?;
-        let mut entries = initramfs::entries(agent, None);
-        entries.extend(rootfs_entries(GUEST_ROOTFS.trim_start_matches('/'))?);
+        let rootfs = rootfs_entries(GUEST_ROOTFS.trim_start_matches('/'))?;
         let dir = TempDir::new(tag);
         let initrd = dir.join("initrd.cpio");
-        let archive = initramfs::write_newc(&entries, Vec::new()).map_err(|err| err.to_string())?;
-        std::fs::write(&initrd, archive).map_err(|err| err.to_string())?;
+        write_agent_initrd(&initrd, rootfs)?;
 
         let shared_rootfs = dir.join("shared-rootfs");
         crate::rootfs::build_busybox_rootfs(&shared_rootfs).map_err(|err| err.to_string())?;
@@ -182,39 +239,15 @@ impl GuestAgent {
             }
         }
         let console = dir.join("console.log");
-        let mut qemu = Command::new(find_tool("qemu-system-x86_64").ok_or("qemu not found")?);
+        let mut qemu = qemu_command(
+            &find_tool("qemu-system-x86_64").ok_or("qemu not found")?,
+            512,
+            &kernel.vmlinux,
+            &initrd,
+            &console,
+            &vhost_socket,
+        );
         let qemu = die_with_parent(&mut qemu)
-            .args([
-                "-M",
-                "microvm,acpi=off,x-option-roms=off,isa-serial=on,rtc=off,memory-backend=mem",
-                "-object",
-                "memory-backend-memfd,id=mem,size=512M,share=on",
-                "-m",
-                "512",
-                "-accel",
-                "tcg",
-                "-cpu",
-                "max",
-                "-display",
-                "none",
-                "-monitor",
-                "none",
-                "-no-reboot",
-            ])
-            .arg("-serial")
-            .arg(format!("file:{}", console.display()))
-            .arg("-kernel")
-            .arg(&kernel.vmlinux)
-            .arg("-initrd")
-            .arg(&initrd)
-            .arg("-append")
-            .arg(format!(
-                "{} microvm_agent_log=microvm_agent=debug",
-                qemu_cmdline()
-            ))
-            .arg("-chardev")
-            .arg(format!("socket,id=vsock0,path={}", vhost_socket.display()))
-            .args(["-device", "vhost-user-vsock-device,chardev=vsock0"])
             .arg("-chardev")
             .arg(format!("socket,id=fs0,path={}", fs_socket.display()))
             .arg("-device")
@@ -255,52 +288,9 @@ impl GuestAgent {
 
     /// Connects once the agent listens (retrying until `timeout`).
     pub async fn client(&self, timeout: Duration) -> Result<AgentClient, String> {
-        let deadline = Instant::now() + timeout;
-        let uds = self.vsock_uds.clone();
-        loop {
-            let uds = uds.clone();
-            let attempt = Endpoint::from_static("http://guest.invalid")
-                .initial_stream_window_size(STREAM_WINDOW)
-                .initial_connection_window_size(CONNECTION_WINDOW)
-                .connect_with_connector(tower::service_fn(move |_: Uri| {
-                    let uds = uds.clone();
-                    async move {
-                        connect_hybrid_vsock(&uds, microvm_proto::AGENT_VSOCK_PORT)
-                            .await
-                            .map(TokioIo::new)
-                    }
-                }))
-                .await;
-            match attempt {
-                Ok(channel) => {
-                    let mut client = AgentClient::with_channel(channel);
-                    let check = client
-                        .health
-                        .check(microvm_proto::agent::v1::CheckRequest {
-                            client_version: Some(microvm_proto::agent::v1::ApiVersion::current()),
-                        })
-                        .await;
-                    if check.is_ok() {
-                        return Ok(client);
-                    }
-                }
-                Err(_) if Instant::now() < deadline => {}
-                Err(err) => {
-                    return Err(format!(
-                        "no agent on vsock port {} within {timeout:?}: {err}\n{}",
-                        microvm_proto::AGENT_VSOCK_PORT,
-                        self.diagnostics()
-                    ))
-                }
-            }
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "the agent did not answer Check\n{}",
-                    self.diagnostics()
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        connect_agent(&self.vsock_uds, timeout)
+            .await
+            .map_err(|err| format!("{err}\n{}", self.diagnostics()))
     }
 
     /// Waits up to `timeout` for QEMU to exit by itself.
@@ -323,6 +313,61 @@ impl Drop for GuestAgent {
             let _ = qemu.kill();
             let _ = qemu.wait();
         }
+    }
+}
+
+/// One connection attempt (connect plus health check) to a guest agent.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A client of the agent behind the hybrid-vsock socket `uds`, once the
+/// agent answers Check (retrying until `timeout`).
+pub async fn connect_agent(uds: &Path, timeout: Duration) -> Result<AgentClient, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let uds = uds.to_path_buf();
+        let endpoint = Endpoint::from_static("http://guest.invalid")
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW);
+        let connect = endpoint.connect_with_connector(tower::service_fn(move |_: Uri| {
+            let uds = uds.clone();
+            async move {
+                connect_hybrid_vsock(&uds, microvm_proto::AGENT_VSOCK_PORT)
+                    .await
+                    .map(TokioIo::new)
+            }
+        }));
+        // Each attempt is bounded: a CONNECT that reaches vhost-device-vsock
+        // while the guest still boots can hang for good.
+        let attempt = match tokio::time::timeout(ATTEMPT_TIMEOUT, connect).await {
+            Ok(attempt) => attempt.map_err(|err| err.to_string()),
+            Err(_) => Err(format!("no connection within {ATTEMPT_TIMEOUT:?}")),
+        };
+        match attempt {
+            Ok(channel) => {
+                let mut client = AgentClient::with_channel(channel);
+                let check = tokio::time::timeout(
+                    ATTEMPT_TIMEOUT,
+                    client.health.check(microvm_proto::agent::v1::CheckRequest {
+                        client_version: Some(microvm_proto::agent::v1::ApiVersion::current()),
+                    }),
+                )
+                .await;
+                if matches!(check, Ok(Ok(_))) {
+                    return Ok(client);
+                }
+            }
+            Err(_) if Instant::now() < deadline => {}
+            Err(err) => {
+                return Err(format!(
+                    "no agent on vsock port {} within {timeout:?}: {err}",
+                    microvm_proto::AGENT_VSOCK_PORT
+                ))
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err("the agent did not answer Check".to_owned());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

@@ -1,5 +1,6 @@
 pub mod agent;
 pub mod agent_qemu;
+pub mod bench;
 pub mod containerd;
 pub mod cri;
 pub mod harness;

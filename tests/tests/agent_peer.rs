@@ -26,19 +26,18 @@
 //! Needs the same tools as agent_qemu; without them the test is reported
 //! ignored with the reason, never passed.
 
-use hyper_util::rt::TokioIo;
 use libtest_mimic::{Arguments, Failed, Trial};
-use microvm_guest_image::initramfs::{self, Entry};
-use microvm_guest_image::{kernel, qemu_cmdline};
+use microvm_guest_image::initramfs::Entry;
+use microvm_guest_image::kernel;
 use microvm_tests::agent::{spec, AgentClient};
-use microvm_tests::agent_qemu::{connect_hybrid_vsock, find_tool, missing_tools};
+use microvm_tests::agent_qemu::{
+    connect_agent, find_tool, missing_tools, qemu_command, spawn_helper, write_agent_initrd, Helper,
+};
 use microvm_tests::harness::TempDir;
 use serde_json::json;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-use tonic::transport::{Endpoint, Uri};
 
 const SERVED_CID: u32 = 3;
 const SIBLING_CID: u32 = 4;
@@ -52,43 +51,11 @@ const REFUSAL_LOG: &str = "refused a vsock connection from CID";
 /// TCG is slow, but no call takes a minute.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Kills and reaps a child on drop; it also dies with the test process.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(command: &mut Command, log: &Path) -> Result<Reaped, String> {
-    let log = std::fs::File::create(log).map_err(|err| err.to_string())?;
-    // SAFETY: the closure runs in the forked child before exec and only
-    // calls prctl(), which is async-signal-safe.
-    unsafe {
-        command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
-    }
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map(Reaped)
-        .map_err(|err| format!("spawn {command:?}: {err}"))
-}
-
 struct Guest {
     cid: u32,
     uds: PathBuf,
     console: PathBuf,
-    _qemu: Reaped,
+    _qemu: Helper,
 }
 
 impl Guest {
@@ -101,21 +68,19 @@ impl Guest {
 struct Siblings {
     served: Guest,
     sibling: Guest,
-    _vsock: Reaped,
+    _vsock: Helper,
     dir: TempDir,
 }
 
 impl Siblings {
     fn boot() -> Result<Self, String> {
         let kernel = kernel::kernel().map_err(|err| format!("guest kernel: {err}"))?;
-        let agent_path = initramfs::build_agent().map_err(|err| format!("static agent: {err}"))?;
-        let agent = std::fs::read(&agent_path).map_err(|err| format!("read the agent: {err}"))?;
-        let mut entries = initramfs::entries(agent, None);
-        entries.push(Entry::dir(PROBE_ROOT.trim_start_matches('/'), 0o755));
         let dir = TempDir::new("agent-peer");
         let initrd = dir.join("initrd.cpio");
-        let archive = initramfs::write_newc(&entries, Vec::new()).map_err(|err| err.to_string())?;
-        std::fs::write(&initrd, archive).map_err(|err| err.to_string())?;
+        write_agent_initrd(
+            &initrd,
+            vec![Entry::dir(PROBE_ROOT.trim_start_matches('/'), 0o755)],
+        )?;
 
         let vm = |cid: u32| {
             format!(
@@ -124,7 +89,7 @@ impl Siblings {
                 dir.join(&format!("vm{cid}.vsock")).display()
             )
         };
-        let vsock = spawn(
+        let vsock = spawn_helper(
             Command::new(find_tool("vhost-device-vsock").ok_or("vhost-device-vsock not found")?)
                 .args(["--vm", &vm(SERVED_CID), "--vm", &vm(SIBLING_CID)]),
             &dir.join("vhost-device-vsock.log"),
@@ -137,39 +102,15 @@ impl Siblings {
                 return Err(format!("{} did not appear", vhost_socket.display()));
             }
             let console = dir.join(&format!("console{cid}.log"));
-            let process = spawn(
-                Command::new(&qemu)
-                    .args([
-                        "-M",
-                        "microvm,acpi=off,x-option-roms=off,isa-serial=on,rtc=off,memory-backend=mem",
-                        "-object",
-                        "memory-backend-memfd,id=mem,size=256M,share=on",
-                        "-m",
-                        "256",
-                        "-accel",
-                        "tcg",
-                        "-cpu",
-                        "max",
-                        "-display",
-                        "none",
-                        "-monitor",
-                        "none",
-                        "-no-reboot",
-                    ])
-                    .arg("-serial")
-                    .arg(format!("file:{}", console.display()))
-                    .arg("-kernel")
-                    .arg(&kernel.vmlinux)
-                    .arg("-initrd")
-                    .arg(&initrd)
-                    .arg("-append")
-                    .arg(format!(
-                        "{} microvm_agent_log=microvm_agent=debug",
-                        qemu_cmdline()
-                    ))
-                    .arg("-chardev")
-                    .arg(format!("socket,id=vsock0,path={}", vhost_socket.display()))
-                    .args(["-device", "vhost-user-vsock-device,chardev=vsock0"]),
+            let process = spawn_helper(
+                &mut qemu_command(
+                    &qemu,
+                    256,
+                    &kernel.vmlinux,
+                    &initrd,
+                    &console,
+                    &vhost_socket,
+                ),
                 &dir.join(&format!("qemu{cid}.log")),
             )?;
             guests.push(Guest {
@@ -204,39 +145,9 @@ impl Siblings {
 
 /// A client of `guest`'s agent once it answers Check.
 async fn client(guest: &Guest, timeout: Duration) -> Result<AgentClient, String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let uds = guest.uds.clone();
-        let attempt = Endpoint::from_static("http://guest.invalid")
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let uds = uds.clone();
-                async move {
-                    connect_hybrid_vsock(&uds, microvm_proto::AGENT_VSOCK_PORT)
-                        .await
-                        .map(TokioIo::new)
-                }
-            }))
-            .await;
-        if let Ok(channel) = attempt {
-            let mut client = AgentClient::with_channel(channel);
-            let check = client
-                .health
-                .check(microvm_proto::agent::v1::CheckRequest {
-                    client_version: Some(microvm_proto::agent::v1::ApiVersion::current()),
-                })
-                .await;
-            if check.is_ok() {
-                return Ok(client);
-            }
-        }
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "the agent of CID {} did not answer within {timeout:?}",
-                guest.cid
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    connect_agent(&guest.uds, timeout)
+        .await
+        .map_err(|err| format!("the agent of CID {}: {err}", guest.cid))
 }
 
 /// Runs the probe against `cid:1024` in a container of `client`'s guest
@@ -330,6 +241,9 @@ async fn scenario(guests: &Siblings) -> Result<(), String> {
     Ok(())
 }
 
+/// Boot under TCG (about 2 s each, 180 s allowed) plus the probes.
+const SCENARIO_TIMEOUT: Duration = Duration::from_secs(300);
+
 fn refused_in_real_guests() -> Result<(), Failed> {
     let guests = Siblings::boot()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -337,7 +251,14 @@ fn refused_in_real_guests() -> Result<(), Failed> {
         .enable_all()
         .build()?;
     let started = Instant::now();
-    let result = runtime.block_on(scenario(&guests));
+    // Bounded: a hung vsock connection must fail the test, not stall CI.
+    let result = runtime
+        .block_on(async { tokio::time::timeout(SCENARIO_TIMEOUT, scenario(&guests)).await })
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "the scenario did not finish within {SCENARIO_TIMEOUT:?}"
+            ))
+        });
     println!("peer scenario took {:?}", started.elapsed());
     result.map_err(|err| format!("{err}\n{}", guests.diagnostics()).into())
 }

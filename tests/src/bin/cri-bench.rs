@@ -14,9 +14,11 @@
 
 use anyhow::{bail, Context, Result};
 use k8s_cri::v1 as cri;
-use microvm_guest_image::initramfs::{self, Variant};
 use microvm_guest_image::kernel;
-use microvm_tests::containerd::mounts_under;
+use microvm_tests::bench::{
+    self, count, initramfs_from_env, initramfs_or_release, is_zombie, kib_field, kib_line, median,
+    millis, ms, print_table, ratio, row, signal_if_same, stat_fields, unmount_under, Columns, Row,
+};
 use microvm_tests::cri::{
     container_config, pod_config, CriClient, CriEnv, MICROVM_HANDLER, RUNC_HANDLER,
 };
@@ -25,7 +27,6 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -118,7 +119,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Options>>
     let mut options = Options {
         runs: 5,
         concurrent: 10,
-        initramfs: std::env::var_os("MICROVM_TEST_INITRAMFS").map(PathBuf::from),
+        initramfs: initramfs_from_env(),
     };
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -131,7 +132,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Options>>
         let mut value = |what: &str| -> Result<String> {
             match inline.clone() {
                 Some(value) => Ok(value),
-                None => args.next().with_context(|| format!("{name} needs {what}")),
+                None => bench::next_value(&mut args, &name, what),
             }
         };
         match name.as_str() {
@@ -154,69 +155,19 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Options>>
     Ok(Some(options))
 }
 
-fn count(name: &str, value: &str) -> Result<usize> {
-    value
-        .parse()
-        .with_context(|| format!("{name} {value:?} is not a number"))
-}
+/// SIGINT/SIGTERM: the first one cancels the CRI calls in flight, so the
+/// run returns through the normal drops (which tear everything down).
+type Interrupt = bench::Interrupt<watch::Sender<bool>>;
 
-/// SIGINT/SIGTERM: the first one is recorded and cancels the CRI calls in
-/// flight, so the run returns through the normal drops (which tear
-/// everything down). Later ones are reported and otherwise ignored: the
-/// cleanup must finish.
-struct Interrupt {
-    signal: AtomicI32,
-    cancel: watch::Sender<bool>,
-}
-
-impl Interrupt {
-    fn watch() -> Result<Arc<Self>> {
-        use signal_hook::consts::{SIGINT, SIGTERM};
-        let interrupt = Arc::new(Self {
-            signal: AtomicI32::new(0),
-            cancel: watch::Sender::new(false),
-        });
-        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
-            .context("watching SIGINT and SIGTERM")?;
-        let watcher = Arc::clone(&interrupt);
-        std::thread::spawn(move || {
-            for signal in signals.forever() {
-                let name = if signal == SIGINT {
-                    "SIGINT"
-                } else {
-                    "SIGTERM"
-                };
-                if watcher.signal.swap(signal, Ordering::SeqCst) == 0 {
-                    eprintln!("cri-bench: {name}: stopping; removing the pods and containerd");
-                    watcher.cancel.send_replace(true);
-                } else {
-                    eprintln!("cri-bench: {name}: still cleaning up, please wait");
-                }
-            }
-        });
-        Ok(interrupt)
-    }
-
-    fn signal(&self) -> i32 {
-        self.signal.load(Ordering::SeqCst)
-    }
-
-    fn check(&self) -> Result<()> {
-        match self.signal() {
-            0 => Ok(()),
-            signal => bail!("interrupted by signal {signal}"),
-        }
-    }
-
-    /// Sleeps, cut short by a signal.
-    fn sleep(&self, duration: Duration) -> Result<()> {
-        let deadline = Instant::now() + duration;
-        while Instant::now() < deadline {
-            self.check()?;
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.check()
-    }
+fn watch_signals() -> Result<Arc<Interrupt>> {
+    Interrupt::watch(
+        "cri-bench",
+        "removing the pods and containerd",
+        watch::Sender::new(false),
+        |cancel| {
+            cancel.send_replace(true);
+        },
+    )
 }
 
 /// CRI calls that a signal abandons. The harness's `CriClient` methods
@@ -235,7 +186,7 @@ impl Cri<'_> {
         call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     ) -> Result<T> {
         self.interrupt.check()?;
-        let mut cancel = self.interrupt.cancel.subscribe();
+        let mut cancel = self.interrupt.stop.subscribe();
         let cancelled = async move {
             if cancel.wait_for(|stop| *stop).await.is_err() {
                 // The sender lives as long as the process: never here.
@@ -351,13 +302,6 @@ impl Process {
     }
 }
 
-/// Fields after the command name of /proc/<pid>/stat (field 3 first).
-fn stat_fields(stat: &str) -> Vec<&str> {
-    stat.rfind(')')
-        .map(|at| stat[at + 1..].split_whitespace().collect())
-        .unwrap_or_default()
-}
-
 fn read_process(pid: u32) -> Option<Process> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let fields = stat_fields(&stat);
@@ -417,15 +361,7 @@ fn descendants(table: &[Process], root: u32) -> Vec<&Process> {
 
 /// `Pss:` of a smaps_rollup text, in KiB.
 fn rollup_pss_kib(rollup: &str) -> Option<u64> {
-    rollup.lines().find_map(|line| kib_field(line, "Pss:"))
-}
-
-fn kib_field(line: &str, key: &str) -> Option<u64> {
-    line.strip_prefix(key)?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+    kib_line(rollup, "Pss:")
 }
 
 /// Sum of `Pss:` over the mappings of `name` (with or without the
@@ -567,16 +503,6 @@ fn qemu_accel(table: &[Process], shims: &[u32]) -> Option<String> {
     })
 }
 
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    match sorted.len() {
-        0 => f64::NAN,
-        len if len % 2 == 1 => sorted[len / 2],
-        len => (sorted[len / 2 - 1] + sorted[len / 2]) / 2.0,
-    }
-}
-
 fn max(values: &[f64]) -> f64 {
     values.iter().copied().fold(f64::NAN, f64::max)
 }
@@ -589,18 +515,6 @@ fn mean(values: &[f64]) -> f64 {
     }
 }
 
-fn millis(duration: Duration) -> f64 {
-    duration.as_secs_f64() * 1000.0
-}
-
-fn ms(value: f64) -> String {
-    if value.is_nan() {
-        "-".into()
-    } else {
-        format!("{value:.1} ms")
-    }
-}
-
 fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
@@ -610,14 +524,6 @@ fn mib_f(kib: f64) -> String {
         "-".into()
     } else {
         format!("{:.1} MiB", kib / 1024.0)
-    }
-}
-
-fn ratio(microvm: f64, runc: f64) -> String {
-    if runc > 0.0 && microvm.is_finite() && runc.is_finite() {
-        format!("{:.1}x", microvm / runc)
-    } else {
-        "-".into()
     }
 }
 
@@ -650,14 +556,7 @@ impl Bench {
     fn start(initramfs: Option<PathBuf>, interrupt: &Interrupt) -> Result<Self> {
         let kernel = kernel::kernel().context("guest kernel")?;
         interrupt.check()?;
-        let initramfs = match initramfs {
-            Some(path) => path,
-            None => {
-                initramfs::initramfs(Variant::Release)
-                    .context("guest initramfs")?
-                    .path
-            }
-        };
+        let initramfs = initramfs_or_release(initramfs).context("guest initramfs")?;
         interrupt.check()?;
         let shim_work = TempDir::new("cribench-shim");
         let config = shim_work.join("microvm.toml");
@@ -739,11 +638,6 @@ impl Bench {
             })
             .collect()
     }
-}
-
-fn is_zombie(pid: u32) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    matches!(stat_fields(&stat).first(), Some(&"Z") | None)
 }
 
 fn cni_netns() -> Vec<String> {
@@ -861,19 +755,11 @@ impl Drop for Bench {
             );
             for process in &survivors {
                 eprintln!("  {} {}", process.pid, process.argv.join(" "));
-                let still_it = read_process(process.pid)
-                    .is_some_and(|now| now.start_time == process.start_time);
-                if let (true, Ok(pid)) = (still_it, i32::try_from(process.pid)) {
-                    // SAFETY: kill(2) with plain integers; the start time
-                    // check makes sure it is still the process recorded.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
+                signal_if_same(process.pid, process.start_time, libc::SIGKILL);
             }
             std::thread::sleep(Duration::from_millis(500));
         }
-        for point in mounts_under(self.shim_work.path()) {
-            let _ = Command::new("umount").arg("-l").arg(&point).status();
-        }
+        unmount_under(self.shim_work.path());
         let left = self.survivors(&recorded);
         let netns: Vec<String> = cni_netns()
             .into_iter()
@@ -1066,41 +952,28 @@ fn burst(bench: &Bench, cri: Cri, handler: &'static str, count: usize) -> Result
     Ok(outcome)
 }
 
-struct Row {
-    metric: String,
-    microvm: String,
-    runc: String,
-    ratio: String,
-    target: String,
-}
+const COLUMNS: Columns = Columns {
+    metric: "metric",
+    metric_width: 54,
+    ratio_width: 7,
+    target: "issue target (builtin backend, real KVM)",
+};
 
-fn row(
+/// A row of one figure for microvm and runc, shown by `show`, and their
+/// ratio.
+fn compared(
     metric: impl Into<String>,
-    microvm: String,
-    runc: String,
-    ratio: String,
+    show: fn(f64) -> String,
+    (microvm, runc): (f64, f64),
     target: String,
 ) -> Row {
-    Row {
-        metric: metric.into(),
-        microvm,
-        runc,
-        ratio,
+    row(
+        metric,
+        show(microvm),
+        show(runc),
+        ratio(microvm, runc, 1),
         target,
-    }
-}
-
-fn print_table(rows: &[Row]) {
-    println!(
-        "{:<54} {:>11} {:>11} {:>7}  issue target (builtin backend, real KVM)",
-        "metric", "microvm", "runc", "ratio"
-    );
-    for row in rows {
-        println!(
-            "{:<54} {:>11} {:>11} {:>7}  {}",
-            row.metric, row.microvm, row.runc, row.ratio, row.target
-        );
-    }
+    )
 }
 
 fn load_average() -> String {
@@ -1228,69 +1101,40 @@ fn print_report(
     let none = String::new;
     let pair =
         |values: fn(&Latencies) -> &Vec<f64>| (median(values(microvm)), median(values(runc)));
-    let mut rows = Vec::new();
-    let (mv, rc) = pair(|l| &l.run_pod);
-    rows.push(row(
-        format!("RunPodSandbox, pod ready (median of {})", options.runs),
-        ms(mv),
-        ms(rc),
-        ratio(mv, rc),
-        against_target(mv, POD_READY_TARGET_MS, "ms"),
-    ));
-    let (mv, rc) = pair(|l| &l.create_start);
-    rows.push(row(
-        format!("Create+StartContainer, sleep (median of {})", options.runs),
-        ms(mv),
-        ms(rc),
-        ratio(mv, rc),
-        against_target(mv, CONTAINER_START_TARGET_MS, "ms"),
-    ));
-    let (mv, rc) = pair(|l| &l.create);
-    rows.push(row(
-        "  CreateContainer",
-        ms(mv),
-        ms(rc),
-        ratio(mv, rc),
-        none(),
-    ));
-    let (mv, rc) = pair(|l| &l.start);
-    rows.push(row(
-        "  StartContainer",
-        ms(mv),
-        ms(rc),
-        ratio(mv, rc),
-        none(),
-    ));
-    let (mv, rc) = pair(|l| &l.teardown);
-    rows.push(row(
-        "Stop+RemovePodSandbox (median)",
-        ms(mv),
-        ms(rc),
-        ratio(mv, rc),
-        none(),
-    ));
+    let (run_pod, create_start) = (pair(|l| &l.run_pod), pair(|l| &l.create_start));
+    let mut rows = vec![
+        compared(
+            format!("RunPodSandbox, pod ready (median of {})", options.runs),
+            ms,
+            run_pod,
+            against_target(run_pod.0, POD_READY_TARGET_MS, "ms"),
+        ),
+        compared(
+            format!("Create+StartContainer, sleep (median of {})", options.runs),
+            ms,
+            create_start,
+            against_target(create_start.0, CONTAINER_START_TARGET_MS, "ms"),
+        ),
+        compared("  CreateContainer", ms, pair(|l| &l.create), none()),
+        compared("  StartContainer", ms, pair(|l| &l.start), none()),
+        compared(
+            "Stop+RemovePodSandbox (median)",
+            ms,
+            pair(|l| &l.teardown),
+            none(),
+        ),
+    ];
     if let [mv, rc] = bursts {
-        rows.push(row(
+        let calls =
+            |statistic: fn(&[f64]) -> f64| (statistic(&mv.calls_ms), statistic(&rc.calls_ms));
+        rows.push(compared(
             format!("{} pods at once: all RunPodSandbox returned", mv.pods),
-            ms(mv.wall_ms),
-            ms(rc.wall_ms),
-            ratio(mv.wall_ms, rc.wall_ms),
+            ms,
+            (mv.wall_ms, rc.wall_ms),
             none(),
         ));
-        rows.push(row(
-            "  slowest single call",
-            ms(max(&mv.calls_ms)),
-            ms(max(&rc.calls_ms)),
-            ratio(max(&mv.calls_ms), max(&rc.calls_ms)),
-            none(),
-        ));
-        rows.push(row(
-            "  median call",
-            ms(median(&mv.calls_ms)),
-            ms(median(&rc.calls_ms)),
-            ratio(median(&mv.calls_ms), median(&rc.calls_ms)),
-            none(),
-        ));
+        rows.push(compared("  slowest single call", ms, calls(max), none()));
+        rows.push(compared("  median call", ms, calls(median), none()));
         rows.push(row(
             "  failed calls",
             format!("{} of {}", mv.failures.len(), mv.pods),
@@ -1306,32 +1150,26 @@ fn print_report(
             .map(|(_, pod)| value(pod) as f64)
             .collect()
     };
-    let (mv, rc) = (
-        mean(&memory_of(
-            MICROVM_HANDLER,
-            PodMemory::outside_guest_ram_kib,
-        )),
-        mean(&memory_of(RUNC_HANDLER, PodMemory::outside_guest_ram_kib)),
-    );
-    rows.push(row(
+    let means = |value: fn(&PodMemory) -> u64| {
+        (
+            mean(&memory_of(MICROVM_HANDLER, value)),
+            mean(&memory_of(RUNC_HANDLER, value)),
+        )
+    };
+    let outside = means(PodMemory::outside_guest_ram_kib);
+    rows.push(compared(
         format!(
             "host PSS per pod outside guest RAM (mean of {})",
             options.runs
         ),
-        mib_f(mv),
-        mib_f(rc),
-        ratio(mv, rc),
-        against_target(mv / 1024.0, HOST_MEMORY_TARGET_MIB, "MiB"),
+        mib_f,
+        outside,
+        against_target(outside.0 / 1024.0, HOST_MEMORY_TARGET_MIB, "MiB"),
     ));
-    let (mv, rc) = (
-        mean(&memory_of(MICROVM_HANDLER, PodMemory::pss_kib)),
-        mean(&memory_of(RUNC_HANDLER, PodMemory::pss_kib)),
-    );
-    rows.push(row(
+    rows.push(compared(
         "  including guest RAM (memfd)",
-        mib_f(mv),
-        mib_f(rc),
-        ratio(mv, rc),
+        mib_f,
+        means(PodMemory::pss_kib),
         none(),
     ));
     let mv = mean(&memory_of(MICROVM_HANDLER, PodMemory::guest_ram_kib));
@@ -1360,7 +1198,7 @@ fn print_report(
         load_average()
     );
     println!();
-    print_table(&rows);
+    print_table(&COLUMNS, &rows);
     println!();
     println!(
         "The issue's targets (pod ready <= {POD_READY_TARGET_MS} ms, container start <= \
@@ -1413,37 +1251,7 @@ fn print_report(
 }
 
 fn main() -> ExitCode {
-    let options = match parse_args(std::env::args().skip(1)) {
-        Ok(Some(options)) => options,
-        Ok(None) => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(err) => {
-            eprintln!("cri-bench: {err:#}");
-            return ExitCode::from(2);
-        }
-    };
-    let interrupt = match Interrupt::watch() {
-        Ok(interrupt) => interrupt,
-        Err(err) => {
-            eprintln!("cri-bench: {err:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    // Everything the run started is torn down before `run` returns.
-    let result = run(&options, &interrupt);
-    match (interrupt.signal(), result) {
-        (0, Ok(())) => ExitCode::SUCCESS,
-        (0, Err(err)) => {
-            eprintln!("cri-bench: {err:#}");
-            ExitCode::FAILURE
-        }
-        (signal, _) => {
-            eprintln!("cri-bench: interrupted by signal {signal}; cleaned up");
-            ExitCode::from(u8::try_from(128 + signal).unwrap_or(1))
-        }
-    }
+    bench::main("cri-bench", USAGE, parse_args, watch_signals, run)
 }
 
 #[cfg(test)]
@@ -1660,14 +1468,14 @@ time="t" level=info msg="StopPodSandbox for \"abc\""
     }
 
     #[test]
-    fn medians_and_ratios() {
-        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
-        assert!(median(&[]).is_nan());
+    fn maxima_targets_and_compared_rows() {
         assert_eq!(max(&[1.0, 5.0, 2.0]), 5.0);
-        assert_eq!(ratio(300.0, 100.0), "3.0x");
-        assert_eq!(ratio(f64::NAN, 100.0), "-");
-        assert_eq!(ratio(1.0, 0.0), "-");
+        assert!(max(&[]).is_nan());
+        let row = compared("m", ms, (300.0, 100.0), String::new());
+        assert_eq!(
+            (row.microvm.as_str(), row.runc.as_str(), row.ratio.as_str()),
+            ("300.0 ms", "100.0 ms", "3.0x")
+        );
         assert_eq!(against_target(100.0, 150.0, "ms"), "<= 150 ms: met");
         assert_eq!(
             against_target(3000.0, 150.0, "ms"),

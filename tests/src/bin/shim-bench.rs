@@ -11,16 +11,19 @@
 //! before it exits with 128 + the signal number.
 
 use anyhow::{bail, Context, Result};
-use microvm_guest_image::initramfs::{self, Variant};
 use microvm_guest_image::kernel;
-use microvm_tests::containerd::{mounts_under, pids_matching, Containerd};
+use microvm_tests::bench::{
+    self, count, initramfs_from_env, initramfs_or_release, is_zombie, kib_line, millis, ms,
+    next_value, print_table, ratio, row, signal_if_same, start_time, stat_fields, unmount_under,
+    upper_median as median, Columns,
+};
+use microvm_tests::containerd::{pids_matching, Containerd};
 use microvm_tests::harness::{binary, TempDir};
 use microvm_tests::oci_image::write_busybox_image;
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 const IMAGE: &str = "docker.io/library/busybox:microvm-bench";
@@ -71,20 +74,15 @@ struct Options {
 fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Options>> {
     let mut options = Options {
         runs: 5,
-        initramfs: std::env::var_os("MICROVM_TEST_INITRAMFS").map(PathBuf::from),
+        initramfs: initramfs_from_env(),
     };
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "-h" | "--help" => return Ok(None),
-            "--runs" => {
-                let value = args.next().context("--runs needs a number")?;
-                options.runs = value
-                    .parse()
-                    .with_context(|| format!("--runs {value:?} is not a number"))?;
-            }
+            "--runs" => options.runs = count(&arg, &next_value(&mut args, &arg, "a number")?)?,
             "--initramfs" => {
-                options.initramfs = Some(args.next().context("--initramfs needs a path")?.into());
+                options.initramfs = Some(next_value(&mut args, &arg, "a path")?.into());
             }
             other => bail!("unknown argument {other:?} (see --help)"),
         }
@@ -95,61 +93,26 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Options>>
     Ok(Some(options))
 }
 
-/// SIGINT/SIGTERM: the first one is recorded and kills the `ctr` in
-/// flight, so the main thread returns through the normal drops (which tear
-/// everything down). Later ones are reported and otherwise ignored: the
-/// cleanup must finish.
-struct Interrupt {
-    signal: AtomicI32,
-    in_flight: Mutex<Option<Child>>,
+/// SIGINT/SIGTERM: the first one kills the `ctr` in flight, so the main
+/// thread returns through the normal drops (which tear everything down).
+type Interrupt = bench::Interrupt<Mutex<Option<Child>>>;
+
+fn watch_signals() -> Result<std::sync::Arc<Interrupt>> {
+    Interrupt::watch(
+        "shim-bench",
+        "cleaning up what the run started",
+        Mutex::new(None),
+        |in_flight| {
+            if let Some(child) = lock(in_flight).as_mut() {
+                let _ = child.kill();
+            }
+        },
+    )
 }
 
-impl Interrupt {
-    fn watch() -> Result<Arc<Self>> {
-        use signal_hook::consts::{SIGINT, SIGTERM};
-        let interrupt = Arc::new(Self {
-            signal: AtomicI32::new(0),
-            in_flight: Mutex::new(None),
-        });
-        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
-            .context("watching SIGINT and SIGTERM")?;
-        let watcher = Arc::clone(&interrupt);
-        std::thread::spawn(move || {
-            for signal in signals.forever() {
-                let name = if signal == SIGINT {
-                    "SIGINT"
-                } else {
-                    "SIGTERM"
-                };
-                if watcher.signal.swap(signal, Ordering::SeqCst) == 0 {
-                    eprintln!("shim-bench: {name}: stopping; cleaning up what the run started");
-                    if let Some(child) = watcher.lock().as_mut() {
-                        let _ = child.kill();
-                    }
-                } else {
-                    eprintln!("shim-bench: {name}: still cleaning up, please wait");
-                }
-            }
-        });
-        Ok(interrupt)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Child>> {
-        self.in_flight
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn signal(&self) -> i32 {
-        self.signal.load(Ordering::SeqCst)
-    }
-
-    fn check(&self) -> Result<()> {
-        match self.signal() {
-            0 => Ok(()),
-            signal => bail!("interrupted by signal {signal}"),
-        }
-    }
+/// The `ctr` in flight.
+fn lock(in_flight: &Mutex<Option<Child>>) -> MutexGuard<'_, Option<Child>> {
+    in_flight.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 struct CtrRun<T> {
@@ -192,7 +155,7 @@ fn run_ctr<T>(
         let _ = stderr.read_to_string(&mut text);
         text
     });
-    *interrupt.lock() = Some(child);
+    *lock(&interrupt.stop) = Some(child);
     let (mut first_output, mut sampled) = (None, None);
     let status = loop {
         if first_output.is_none() {
@@ -202,7 +165,7 @@ fn run_ctr<T>(
             }
         }
         {
-            let mut slot = interrupt.lock();
+            let mut slot = lock(&interrupt.stop);
             let Some(child) = slot.as_mut() else {
                 bail!("ctr vanished from the in-flight slot");
             };
@@ -253,13 +216,6 @@ fn clock_tick_ms() -> f64 {
     }
 }
 
-/// Fields after the command name of /proc/<pid>/stat (field 3 first).
-fn stat_fields(stat: &str) -> Vec<&str> {
-    stat.rfind(')')
-        .map(|at| stat[at + 1..].split_whitespace().collect())
-        .unwrap_or_default()
-}
-
 /// `se.sum_exec_runtime` (milliseconds) from a /proc/.../sched text.
 fn sum_exec_runtime_ms(sched: &str) -> Option<f64> {
     sched
@@ -273,11 +229,7 @@ fn sum_exec_runtime_ms(sched: &str) -> Option<f64> {
 }
 
 fn status_kib(status: &str, key: &str) -> u64 {
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix(key))
-        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    kib_line(status, key).unwrap_or(0)
 }
 
 fn sample(pid: u32) -> Option<ProcessSample> {
@@ -379,36 +331,17 @@ fn parse_duration_ms(text: &str) -> Option<f64> {
     None
 }
 
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
-/// Start time (field 22) of `pid`, to tell a recycled pid apart.
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat_fields(&stat).get(19)?.parse().ok()
-}
-
 /// Sends `signal` to each recorded process that is still the same one,
 /// then waits (up to `timeout`) until each is gone or a zombie.
 fn signal_and_wait(pids: &[(u32, u64)], signal: i32, timeout: Duration) {
     for &(pid, started) in pids {
-        if start_time(pid) == Some(started) {
-            if let Ok(raw) = i32::try_from(pid) {
-                // SAFETY: kill(2) with plain integers; the start time
-                // check makes sure it is still the process we recorded.
-                unsafe { libc::kill(raw, signal) };
-            }
-        }
+        signal_if_same(pid, started, signal);
     }
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline
-        && pids.iter().any(|&(pid, started)| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            start_time(pid) == Some(started) && stat_fields(&stat).first() != Some(&"Z")
-        })
+        && pids
+            .iter()
+            .any(|&(pid, started)| start_time(pid) == Some(started) && !is_zombie(pid))
     {
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -435,14 +368,7 @@ struct Bench {
 impl Bench {
     fn start(initramfs: Option<PathBuf>) -> Result<Self> {
         let kernel = kernel::kernel().context("guest kernel")?;
-        let initramfs = match initramfs {
-            Some(path) => path,
-            None => {
-                initramfs::initramfs(Variant::Release)
-                    .context("initramfs")?
-                    .path
-            }
-        };
+        let initramfs = initramfs_or_release(initramfs).context("initramfs")?;
         let bin = TempDir::new("bench-bin");
         std::os::unix::fs::symlink(binary(SHIM), bin.join(SHIM))?;
         let work = TempDir::new("bench-work");
@@ -562,9 +488,7 @@ impl Drop for Bench {
             );
             signal_and_wait(&leftovers, libc::SIGKILL, Duration::from_secs(10));
         }
-        for point in mounts_under(self.work.path()) {
-            let _ = Command::new("umount").arg("-l").arg(&point).status();
-        }
+        unmount_under(self.work.path());
     }
 }
 
@@ -614,7 +538,7 @@ fn one_run(
             run.stderr.trim()
         );
     }
-    let total = first_output.as_secs_f64() * 1000.0;
+    let total = millis(first_output);
     samples.total.push(total);
     match run.sampled.flatten() {
         Some(shim) => {
@@ -638,40 +562,6 @@ fn one_run(
     Ok(())
 }
 
-struct Row {
-    metric: String,
-    microvm: String,
-    runc: String,
-    ratio: String,
-    target: String,
-}
-
-fn row(metric: &str, microvm: String, runc: String, ratio: String, target: String) -> Row {
-    Row {
-        metric: metric.to_owned(),
-        microvm,
-        runc,
-        ratio,
-        target,
-    }
-}
-
-fn ms(value: f64) -> String {
-    if value.is_nan() {
-        "-".into()
-    } else {
-        format!("{value:.1} ms")
-    }
-}
-
-fn ratio(microvm: f64, runc: f64) -> String {
-    if runc > 0.0 && microvm.is_finite() {
-        format!("{:.2}x", microvm / runc)
-    } else {
-        "-".into()
-    }
-}
-
 fn verdict(pass: bool) -> &'static str {
     if pass {
         "ok"
@@ -680,18 +570,12 @@ fn verdict(pass: bool) -> &'static str {
     }
 }
 
-fn print_table(rows: &[Row]) {
-    println!(
-        "{:<52} {:>11} {:>11} {:>8}  target",
-        "metric (median)", "microvm", "runc", "ratio"
-    );
-    for row in rows {
-        println!(
-            "{:<52} {:>11} {:>11} {:>8}  {}",
-            row.metric, row.microvm, row.runc, row.ratio, row.target
-        );
-    }
-}
+const COLUMNS: Columns = Columns {
+    metric: "metric (median)",
+    metric_width: 52,
+    ratio_width: 8,
+    target: "target",
+};
 
 fn kib(value: u64) -> String {
     format!("{:.2} MiB", value as f64 / 1024.0)
@@ -727,7 +611,7 @@ fn run(options: &Options, interrupt: &Interrupt) -> Result<()> {
             "ctr run to first output",
             ms(total),
             ms(runc_total),
-            ratio(total, runc_total),
+            ratio(total, runc_total, 2),
             none(),
         ),
         row(
@@ -755,14 +639,14 @@ fn run(options: &Options, interrupt: &Interrupt) -> Result<()> {
             "  rest: containerd, ctr, shim, container create+start",
             ms(rest),
             ms(runc_total),
-            ratio(rest, runc_total),
+            ratio(rest, runc_total, 2),
             none(),
         ),
         row(
             "shim own time: CPU of the serving shim per pod",
             ms(cpu),
             ms(runc_cpu),
-            ratio(cpu, runc_cpu),
+            ratio(cpu, runc_cpu, 2),
             format!(
                 "<= {SHIM_OWN_TIME_TARGET_MS} ms {}",
                 verdict(cpu <= SHIM_OWN_TIME_TARGET_MS)
@@ -782,7 +666,7 @@ fn run(options: &Options, interrupt: &Interrupt) -> Result<()> {
         options.runs,
         CONTAINER_COMMAND.join(" ")
     );
-    print_table(&rows);
+    print_table(&COLUMNS, &rows);
     println!(
         "(\"rest\" is the wall time outside the VM boot: an upper bound on the shim's own time \
          on the critical path, since it also holds containerd, ctr and the guest's container \
@@ -819,7 +703,7 @@ fn run(options: &Options, interrupt: &Interrupt) -> Result<()> {
             "shim RSS, one pod running",
             kib(shim.rss_kib),
             kib(runc_shim.rss_kib),
-            ratio(shim.rss_kib as f64, runc_shim.rss_kib as f64),
+            ratio(shim.rss_kib as f64, runc_shim.rss_kib as f64, 2),
             format!(
                 "<= {} MiB {}",
                 SHIM_RSS_TARGET_KIB >> 10,
@@ -853,7 +737,7 @@ fn run(options: &Options, interrupt: &Interrupt) -> Result<()> {
         .take(8)
     {
         rows.push(row(
-            &format!("  shim mapping {mapping}"),
+            format!("  shim mapping {mapping}"),
             format!("{kib} KiB"),
             none(),
             none(),
@@ -869,7 +753,7 @@ fn run(options: &Options, interrupt: &Interrupt) -> Result<()> {
         }
         let rss = sample(pid).map_or(0, |sample| sample.rss_kib);
         rows.push(row(
-            &format!("VM host process {name} RSS"),
+            format!("VM host process {name} RSS"),
             kib(rss),
             none(),
             none(),
@@ -877,42 +761,12 @@ fn run(options: &Options, interrupt: &Interrupt) -> Result<()> {
         ));
     }
     println!();
-    print_table(&rows);
+    print_table(&COLUMNS, &rows);
     Ok(())
 }
 
 fn main() -> ExitCode {
-    let options = match parse_args(std::env::args().skip(1)) {
-        Ok(Some(options)) => options,
-        Ok(None) => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(err) => {
-            eprintln!("shim-bench: {err:#}");
-            return ExitCode::from(2);
-        }
-    };
-    let interrupt = match Interrupt::watch() {
-        Ok(interrupt) => interrupt,
-        Err(err) => {
-            eprintln!("shim-bench: {err:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    // Everything the run started is torn down before `run` returns.
-    let result = run(&options, &interrupt);
-    match (interrupt.signal(), result) {
-        (0, Ok(())) => ExitCode::SUCCESS,
-        (0, Err(err)) => {
-            eprintln!("shim-bench: {err:#}");
-            ExitCode::FAILURE
-        }
-        (signal, _) => {
-            eprintln!("shim-bench: interrupted by signal {signal}; cleaned up");
-            ExitCode::from(u8::try_from(128 + signal).unwrap_or(1))
-        }
-    }
+    bench::main("shim-bench", USAGE, parse_args, watch_signals, run)
 }
 
 #[cfg(test)]
@@ -960,8 +814,6 @@ mod tests {
             sum_exec_runtime_ms("se.vruntime : 1.0\nse.sum_exec_runtime   :   12.345678\n"),
             Some(12.345678)
         );
-        let fields = stat_fields("42 (a (b) c) S 1 2 3");
-        assert_eq!(fields.first(), Some(&"S"));
         // This process has run, so both CPU figures are positive.
         let busy = Instant::now();
         while busy.elapsed() < Duration::from_millis(30) {}
