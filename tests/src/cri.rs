@@ -350,6 +350,22 @@ pub fn pod_config(
     }
 }
 
+/// The CNI network namespaces (`cni-*`) that exist, sorted: CRI makes one
+/// per pod and removes it with the pod.
+pub fn cni_netns() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir("/var/run/netns")
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .filter(|name| name.starts_with("cni-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
 /// The cgroup (below each hierarchy's root) the test pods' cgroups go in.
 pub fn pods_cgroup() -> String {
     format!("mvt-pods-{}", std::process::id())

@@ -8,7 +8,7 @@ use microvm_guest_image::initramfs::{self, Variant};
 use microvm_guest_image::kernel;
 use microvm_tests::containerd::{mounts_under, pids_matching, write_qemu_shim_config};
 use microvm_tests::cri::{
-    container_config, pod_config, CriEnv, BRIDGE_IP, MICROVM_HANDLER, RUNC_HANDLER,
+    cni_netns, container_config, pod_config, CriEnv, BRIDGE_IP, MICROVM_HANDLER, RUNC_HANDLER,
 };
 use microvm_tests::harness::{binary, TempDir};
 use std::io::{Read, Write};
@@ -30,20 +30,6 @@ struct Fixture {
     shim_work: TempDir,
     netns_before: Vec<String>,
     _turn: std::sync::MutexGuard<'static, ()>,
-}
-
-fn cni_netns() -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir("/var/run/netns")
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .map(|entry| entry.file_name().to_string_lossy().into_owned())
-                .filter(|name| name.starts_with("cni-"))
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
 }
 
 fn fixture(tag: &str) -> Fixture {
@@ -188,6 +174,17 @@ impl Fixture {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+}
+
+/// CPU time (ns) and working set (bytes) of a CRI stats record; 0 if absent.
+fn cpu_and_memory(cpu: Option<cri::CpuUsage>, memory: Option<cri::MemoryUsage>) -> (u64, u64) {
+    let cpu = cpu
+        .and_then(|cpu| cpu.usage_core_nano_seconds)
+        .map_or(0, |value| value.value);
+    let memory = memory
+        .and_then(|memory| memory.working_set_bytes)
+        .map_or(0, |value| value.value);
+    (cpu, memory)
 }
 
 fn read_until(path: &Path, needle: &str, timeout: Duration) -> String {
@@ -344,16 +341,7 @@ fn microvm_pod_runs_the_crictl_flow() {
         .unwrap_or_else(|err| panic!("ContainerStats: {err}\n{}", fx.diagnostics()))
         .stats
         .expect("stats");
-    let cpu = stats
-        .cpu
-        .and_then(|cpu| cpu.usage_core_nano_seconds)
-        .map(|value| value.value)
-        .unwrap_or(0);
-    let memory = stats
-        .memory
-        .and_then(|memory| memory.working_set_bytes)
-        .map(|value| value.value)
-        .unwrap_or(0);
+    let (cpu, memory) = cpu_and_memory(stats.cpu, stats.memory);
     assert!(
         cpu > 0 && memory > 0,
         "ContainerStats: cpu {cpu} ns, memory {memory} B"
@@ -367,16 +355,7 @@ fn microvm_pod_runs_the_crictl_flow() {
                 .stats
                 .and_then(|stats| stats.linux)
                 .expect("linux stats");
-            let cpu = linux
-                .cpu
-                .and_then(|cpu| cpu.usage_core_nano_seconds)
-                .map(|value| value.value)
-                .unwrap_or(0);
-            let memory = linux
-                .memory
-                .and_then(|memory| memory.working_set_bytes)
-                .map(|value| value.value)
-                .unwrap_or(0);
+            let (cpu, memory) = cpu_and_memory(linux.cpu, linux.memory);
             assert!(
                 cpu > 0 && memory > 0,
                 "PodSandboxStats: cpu {cpu} ns, memory {memory} B"

@@ -20,7 +20,7 @@ use microvm_tests::bench::{
     millis, ms, print_table, ratio, row, signal_if_same, stat_fields, unmount_under, Columns, Row,
 };
 use microvm_tests::cri::{
-    container_config, pod_config, CriClient, CriEnv, MICROVM_HANDLER, RUNC_HANDLER,
+    cni_netns, container_config, pod_config, CriClient, CriEnv, MICROVM_HANDLER, RUNC_HANDLER,
 };
 use microvm_tests::harness::{binary, TempDir};
 use std::collections::BTreeMap;
@@ -638,20 +638,6 @@ impl Bench {
             })
             .collect()
     }
-}
-
-fn cni_netns() -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir("/var/run/netns")
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .map(|entry| entry.file_name().to_string_lossy().into_owned())
-                .filter(|name| name.starts_with("cni-"))
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
 }
 
 fn containerd_alive(dir: &Path) -> bool {
