@@ -476,19 +476,17 @@ pub fn cleanup_after_dead_shim(bundle: &Path, container_id: &str) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn cleanup_kills_the_recorded_vm_and_removes_the_pod_dir() {
-        let tmp = tempfile::tempdir().unwrap();
-        let bundle = tmp.path().join("bundle");
+    /// A bundle and a pod dir whose recorded VMM (`qemu`) is a live
+    /// `sleep`.
+    fn pod_with_a_recorded_vmm(tmp: &Path) -> (std::path::PathBuf, PodLayout, std::process::Child) {
+        let bundle = tmp.join("bundle");
         std::fs::create_dir_all(&bundle).unwrap();
         let layout = PodLayout {
-            dir: tmp.path().join("state/ns/pod"),
-            log_file: tmp.path().join("pod.log"),
+            dir: tmp.join("state/ns/pod"),
+            log_file: tmp.join("pod.log"),
         };
         std::fs::create_dir_all(layout.pid_dir()).unwrap();
-        std::fs::create_dir_all(layout.container_dir("c1")).unwrap();
-        std::fs::write(layout.agent_socket(), "").unwrap();
-        let mut vmm = std::process::Command::new("sleep")
+        let vmm = std::process::Command::new("sleep")
             .arg("60")
             .spawn()
             .unwrap();
@@ -498,6 +496,15 @@ mod tests {
             format!("{} {start}", vmm.id()),
         )
         .unwrap();
+        (bundle, layout, vmm)
+    }
+
+    #[test]
+    fn cleanup_kills_the_recorded_vm_and_removes_the_pod_dir() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (bundle, layout, mut vmm) = pod_with_a_recorded_vmm(tmp.path());
+        std::fs::create_dir_all(layout.container_dir("c1")).unwrap();
+        std::fs::write(layout.agent_socket(), "").unwrap();
         // The shim that recorded itself is dead: a pid that is not running.
         std::fs::write(layout.dir.join(SHIM_PID_FILE), "4194303 1").unwrap();
         std::fs::write(bundle.join(POD_DIR_FILE), layout.dir.to_str().unwrap()).unwrap();
@@ -525,23 +532,7 @@ mod tests {
     #[test]
     fn stop_own_pod_kills_the_recorded_vm_and_removes_the_pod_dir() {
         let tmp = tempfile::tempdir().unwrap();
-        let bundle = tmp.path().join("bundle");
-        std::fs::create_dir_all(&bundle).unwrap();
-        let layout = PodLayout {
-            dir: tmp.path().join("state/ns/pod"),
-            log_file: tmp.path().join("pod.log"),
-        };
-        std::fs::create_dir_all(layout.pid_dir()).unwrap();
-        let mut vmm = std::process::Command::new("sleep")
-            .arg("60")
-            .spawn()
-            .unwrap();
-        let start = process_start_time(vmm.id()).unwrap();
-        std::fs::write(
-            layout.pid_dir().join("qemu"),
-            format!("{} {start}", vmm.id()),
-        )
-        .unwrap();
+        let (bundle, layout, mut vmm) = pod_with_a_recorded_vmm(tmp.path());
         // This shim itself is recorded as the pod's (and alive).
         record_shim(&layout);
         std::fs::write(bundle.join(POD_DIR_FILE), layout.dir.to_str().unwrap()).unwrap();
