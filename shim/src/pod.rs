@@ -167,7 +167,10 @@ impl Pod {
             return Err(BootError::Shared(err));
         }
         let cgroup = match settings.cgroups_path.as_deref().map(HostCgroup::create) {
-            Some(Ok(cgroup)) => Some(cgroup),
+            Some(Ok(cgroup)) => {
+                cgroup.record(&layout.cgroups_file());
+                Some(cgroup)
+            }
             Some(Err(CgroupError::Unsupported(path))) => {
                 tracing::warn!(
                     "pod {pod_id}: cgroups path {path:?} is not a cgroupfs path; the VM stays in the shim's cgroup"

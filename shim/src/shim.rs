@@ -467,6 +467,7 @@ pub fn cleanup_after_dead_shim(bundle: &Path, container_id: &str) {
             "delete {container_id}: the pod's shim is gone; killed {killed:?}, removing {}",
             pod_dir.display()
         );
+        crate::vm::cgroup::remove_recorded(&layout.cgroups_file());
         rootfs::remove_mounted_tree(&pod_dir);
     }
     let _ = std::fs::remove_file(bundle.join(POD_DIR_FILE));

@@ -73,6 +73,23 @@ impl HostCgroup {
         Ok(cgroup)
     }
 
+    /// Records what [`HostCgroup::create`] made in `file`, so the cleanup
+    /// after a crashed shim (`delete`) can remove it
+    /// ([`remove_recorded`]).
+    pub fn record(&self, file: &Path) {
+        let text: String = self
+            .created
+            .iter()
+            .map(|dir| format!("{}\n", dir.display()))
+            .collect();
+        if let Err(err) = std::fs::write(file, text) {
+            tracing::warn!(
+                "cannot record the pod's cgroups in {}: {err}",
+                file.display()
+            );
+        }
+    }
+
     /// The `cgroup.procs` files a child writes itself into, prepared
     /// before fork (no allocation in the child).
     pub fn procs_files(&self) -> Vec<CString> {
@@ -117,6 +134,28 @@ impl HostCgroup {
             }
         }
     }
+}
+
+/// Removes the cgroups recorded in `file` by [`HostCgroup::record`] (only
+/// directories below the cgroup root; the processes must be gone).
+pub fn remove_recorded(file: &Path) {
+    let Ok(text) = std::fs::read_to_string(file) else {
+        return;
+    };
+    let created: Vec<PathBuf> = text
+        .lines()
+        .map(PathBuf::from)
+        .filter(|dir| dir.starts_with(CGROUP_ROOT) && dir.components().count() > 4)
+        .collect();
+    // The deepest ones held the processes (just killed: retried briefly);
+    // a parent still holding another pod is left.
+    let depth = created.iter().map(|dir| dir.components().count()).max();
+    let leaves = created
+        .iter()
+        .filter(|dir| Some(dir.components().count()) == depth)
+        .cloned()
+        .collect();
+    HostCgroup { leaves, created }.remove();
 }
 
 /// A new v1 cpuset cgroup starts with no CPUs and no memory nodes, and
@@ -263,7 +302,10 @@ mod tests {
         );
         child.kill().unwrap();
         child.wait().unwrap();
-        cgroup.remove();
+        let record = std::env::temp_dir().join(format!("microvm-cgroups-{}", std::process::id()));
+        cgroup.record(&record);
+        remove_recorded(&record);
+        let _ = std::fs::remove_file(&record);
         for leaf in &cgroup.leaves {
             assert!(!leaf.exists(), "{}", leaf.display());
             let top = leaf.parent().and_then(Path::parent).unwrap();

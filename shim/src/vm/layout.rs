@@ -58,6 +58,11 @@ impl PodLayout {
         self.dir.join("shared")
     }
 
+    /// The host cgroups the shim made for the pod, one per line.
+    pub fn cgroups_file(&self) -> PathBuf {
+        self.dir.join("cgroups")
+    }
+
     /// One file per host process the pod runs, for the cleanup after a crash.
     pub fn pid_dir(&self) -> PathBuf {
         self.dir.join("pids")
