@@ -8,7 +8,7 @@
 //! Needs virtiofsd in PATH (scripts/install-deps.sh installs it).
 
 use microvm_devices::interrupt::EventFdTrigger;
-use microvm_devices::virtio::mmio::MmioTransport;
+use microvm_devices::virtio::mmio::{reg, MmioTransport};
 use microvm_devices::virtio::{VirtioDevice, VirtioInterrupt};
 use microvm_tests::agent_qemu::find_tool;
 use microvm_tests::harness::{binary, run_with_timeout, ChildGuard, TempDir};
@@ -26,7 +26,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 
-const STATUS: u64 = 0x70;
 const ACK: u32 = 1;
 const DRIVER: u32 = 2;
 const DRIVER_OK: u32 = 4;
@@ -118,32 +117,32 @@ impl Driver {
 
     /// Features, both queues (hiprio and one request queue), DRIVER_OK.
     fn bring_up(&mut self, features: u64) -> u32 {
-        self.write(STATUS, 0);
-        self.write(STATUS, ACK);
-        self.write(STATUS, ACK | DRIVER);
-        self.write(0x24, 0);
-        self.write(0x20, features as u32);
-        self.write(0x24, 1);
-        self.write(0x20, (features >> 32) as u32);
-        self.write(STATUS, ACK | DRIVER | FEATURES_OK);
+        self.write(reg::STATUS, 0);
+        self.write(reg::STATUS, ACK);
+        self.write(reg::STATUS, ACK | DRIVER);
+        self.write(reg::DRIVER_FEATURES_SEL, 0);
+        self.write(reg::DRIVER_FEATURES, features as u32);
+        self.write(reg::DRIVER_FEATURES_SEL, 1);
+        self.write(reg::DRIVER_FEATURES, (features >> 32) as u32);
+        self.write(reg::STATUS, ACK | DRIVER | FEATURES_OK);
         // Fresh rings, as a driver allocates them after a reset.
         self.mem
             .write_slice(&[0u8; 0x2000], GuestAddress(0x10_0000))
             .unwrap();
         for queue in 0..2u32 {
             let ring = Ring::at(0x10_0000 + u64::from(queue) * 0x1000);
-            self.write(0x30, queue);
-            self.write(0x38, u32::from(QUEUE_SIZE));
-            self.write(0x80, ring.desc as u32);
-            self.write(0x90, ring.avail as u32);
-            self.write(0xa0, ring.used as u32);
-            self.write(0x44, 1);
+            self.write(reg::QUEUE_SEL, queue);
+            self.write(reg::QUEUE_NUM, u32::from(QUEUE_SIZE));
+            self.write(reg::QUEUE_DESC_LOW, ring.desc as u32);
+            self.write(reg::QUEUE_AVAIL_LOW, ring.avail as u32);
+            self.write(reg::QUEUE_USED_LOW, ring.used as u32);
+            self.write(reg::QUEUE_READY, 1);
             if queue == 1 {
                 self.request_queue = ring;
             }
         }
-        self.write(STATUS, ACK | DRIVER | FEATURES_OK | DRIVER_OK);
-        self.read(STATUS)
+        self.write(reg::STATUS, ACK | DRIVER | FEATURES_OK | DRIVER_OK);
+        self.read(reg::STATUS)
     }
 
     /// Sends one FUSE request on the request queue and returns the reply.
@@ -164,7 +163,7 @@ impl Driver {
         // Through the notify register: the transport writes the queue's
         // eventfd, which the back-end got as its kick fd (with KVM, the
         // ioeventfd fires without a VM exit to the VMM).
-        self.write(0x50, 1);
+        self.write(reg::QUEUE_NOTIFY, 1);
         assert!(
             wait_readable(self.irq_fd, Duration::from_secs(10)),
             "virtiofsd did not signal the call eventfd (irqfd)"
@@ -304,13 +303,13 @@ fn virtiofsd_answers_fuse_init_and_lookup_through_the_device() {
     let mut guest = driver(device, 64);
 
     // Identity and config space, as the guest's virtio-fs driver reads them.
-    assert_eq!(guest.read(0x008), 26, "device id is virtio-fs");
+    assert_eq!(guest.read(reg::DEVICE_ID), 26, "device id is virtio-fs");
     let mut tag = [0u8; 36];
-    guest.mmio.mmio_read(MmioAddress(0), 0x100, &mut tag);
+    guest.mmio.mmio_read(MmioAddress(0), reg::CONFIG, &mut tag);
     assert_eq!(&tag[..14], b"microvm-shared");
-    assert_eq!(guest.read(0x100 + 36), 1, "one request queue");
-    guest.write(0x14, 1);
-    assert_ne!(guest.read(0x10) & 1, 0, "VERSION_1 offered");
+    assert_eq!(guest.read(reg::CONFIG + 36), 1, "one request queue");
+    guest.write(reg::DEVICE_FEATURES_SEL, 1);
+    assert_ne!(guest.read(reg::DEVICE_FEATURES) & 1, 0, "VERSION_1 offered");
 
     // Activation runs on the vCPU thread that writes DRIVER_OK, under the
     // vCPU seccomp filter: a vhost-user request it forbade would kill this
@@ -340,7 +339,7 @@ fn virtiofsd_answers_fuse_init_and_lookup_through_the_device() {
     assert!(u32_at(&reply, 20) >= 27, "FUSE minor version");
     // The guest's ISR read shows the used-ring bit, though the back-end
     // raised the interrupt behind the transport's back.
-    assert_eq!(guest.read(0x60) & 1, 1);
+    assert_eq!(guest.read(reg::INTERRUPT_STATUS) & 1, 1);
 
     // FUSE_LOOKUP of a file in the shared dir: its size comes back.
     let name = b"hello.txt\0";
@@ -361,8 +360,8 @@ fn virtiofsd_answers_fuse_init_and_lookup_through_the_device() {
 
     // A driver reset stops the rings; the device comes back up and serves
     // a fresh session.
-    on_vcpu_thread(&filters, || guest.write(STATUS, 0));
-    assert_eq!(guest.read(STATUS), 0);
+    on_vcpu_thread(&filters, || guest.write(reg::STATUS, 0));
+    assert_eq!(guest.read(reg::STATUS), 0);
     assert_eq!(guest.device.lock().unwrap().state(), FsState::Ready);
     assert_eq!(
         guest.bring_up(VERSION_1),
@@ -396,8 +395,8 @@ fn a_dead_virtiofsd_fails_the_device_without_taking_the_vmm_down() {
     // On a thread with the vCPU filter: the failure path (shutting the
     // socket down) must not be a forbidden system call either.
     let filters = SeccompFilters::build(microvm_vmm::vcpu::kick_signal()).unwrap();
-    on_vcpu_thread(&filters, || guest.write(STATUS, 0));
-    assert_eq!(guest.read(STATUS) & NEEDS_RESET, NEEDS_RESET);
+    on_vcpu_thread(&filters, || guest.write(reg::STATUS, 0));
+    assert_eq!(guest.read(reg::STATUS) & NEEDS_RESET, NEEDS_RESET);
     let device = guest.device.lock().unwrap();
     assert_eq!(device.state(), FsState::Failed);
     assert_eq!(device.metrics()["backend_failures"], 1);

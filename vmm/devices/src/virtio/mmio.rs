@@ -32,7 +32,9 @@ pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
 /// Offset of QueueNotify; the VMM registers ioeventfds at `base + this`.
 pub const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
 
-mod reg {
+/// The virtio-mmio register offsets (virtio 1.2, 4.2.2), for the
+/// transport and for tests that drive it as a guest driver would.
+pub mod reg {
     pub const MAGIC_VALUE: u64 = 0x000;
     pub const VERSION: u64 = 0x004;
     pub const DEVICE_ID: u64 = 0x008;

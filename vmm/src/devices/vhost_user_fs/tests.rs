@@ -7,7 +7,7 @@ use crate::config::FsConfig;
 use crate::memory::{create_guest_memory, GuestRam};
 use event_manager::{EventManager, SubscriberOps};
 use microvm_devices::interrupt::EventFdTrigger;
-use microvm_devices::virtio::mmio::MmioTransport;
+use microvm_devices::virtio::mmio::{reg, MmioTransport};
 use microvm_devices::virtio::{VirtioDevice, VirtioInterrupt};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -214,25 +214,6 @@ impl Drop for Served {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.socket);
     }
-}
-
-mod reg {
-    pub const DEVICE_ID: u64 = 0x008;
-    pub const DEVICE_FEATURES: u64 = 0x010;
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
-    pub const DRIVER_FEATURES: u64 = 0x020;
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-    pub const QUEUE_SEL: u64 = 0x030;
-    pub const QUEUE_NUM_MAX: u64 = 0x034;
-    pub const QUEUE_NUM: u64 = 0x038;
-    pub const QUEUE_READY: u64 = 0x044;
-    pub const QUEUE_NOTIFY: u64 = 0x050;
-    pub const INTERRUPT_STATUS: u64 = 0x060;
-    pub const STATUS: u64 = 0x070;
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
-    pub const QUEUE_AVAIL_LOW: u64 = 0x090;
-    pub const QUEUE_USED_LOW: u64 = 0x0a0;
-    pub const CONFIG: u64 = 0x100;
 }
 
 const ACK: u32 = 1;
