@@ -11,9 +11,9 @@
 # Only the stable toolchain exists here: cargo-fuzz's -Z flags are allowed
 # through RUSTC_BOOTSTRAP=1. FUZZ_SANITIZER=none builds without ASan (CI,
 # for time: the targets are safe Rust over plain memory); the default is
-# address.
+# address. FUZZ_JOBS targets run at once (default: the number of cores).
 #
-#   [FUZZ_SANITIZER=none] scripts/fuzz.sh [SECONDS] [TARGET...]
+#   [FUZZ_SANITIZER=none] [FUZZ_JOBS=N] scripts/fuzz.sh [SECONDS] [TARGET...]
 set -euo pipefail
 
 seconds="${1:-30}"
@@ -36,22 +36,20 @@ else
     mapfile -t targets < <(cargo fuzz list)
 fi
 
-failed=()
-summary=()
-for target in "${targets[@]}"; do
-    corpus="corpus/$target"
-    mkdir -p "$corpus" "artifacts/$target" "regressions/$target"
-    log="artifacts/$target/last-run.log"
+# One target: its log, and on a crash its inputs copied to regressions/.
+# Writes the target's summary line to artifacts/<target>/summary; exits
+# non-zero on a crash.
+fuzz_target() {
+    local target=$1 corpus="corpus/$1" log="artifacts/$1/last-run.log" status=0 runs
+    mkdir -p "$corpus" "artifacts/$target" "regressions/$target" "seeds/$target"
+    rm -f "artifacts/$target/summary"
     echo "== $target: ${seconds}s" >&2
-    status=0
     # Seeds and regressions are read-only inputs: new ones go to $corpus.
-    mkdir -p "seeds/$target"
     cargo fuzz run "${flags[@]}" "$target" "$corpus" "seeds/$target" "regressions/$target" -- \
         -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=4096 \
         -print_final_stats=1 >"$log" 2>&1 || status=$?
     runs="$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)"
     if [ "$status" -ne 0 ]; then
-        failed+=("$target")
         for crash in artifacts/"$target"/crash-* artifacts/"$target"/timeout-* artifacts/"$target"/oom-*; do
             [ -e "$crash" ] || continue
             cp "$crash" "regressions/$target/"
@@ -59,11 +57,32 @@ for target in "${targets[@]}"; do
         done
         tail -40 "$log" >&2
     fi
-    summary+=("$(printf '%-20s %12s executions  %s' "$target" "${runs:-?}" \
-        "$([ "$status" -eq 0 ] && echo ok || echo "FAILED (status $status)")")")
-done
+    printf '%-20s %12s executions  %s\n' "$target" "${runs:-?}" \
+        "$([ "$status" -eq 0 ] && echo ok || echo "FAILED (status $status)")" >"artifacts/$target/summary"
+    return "$status"
+}
 
-printf '%s\n' "${summary[@]}"
+# FUZZ_JOBS targets at once (default: one per core): each libFuzzer run is
+# single-threaded, so CI's 30 s per target costs 30 s per core.
+jobs="${FUZZ_JOBS:-$(nproc)}"
+running=0
+for target in "${targets[@]}"; do
+    if [ "$running" -ge "$jobs" ]; then
+        wait -n || true
+        running=$((running - 1))
+    fi
+    fuzz_target "$target" &
+    running=$((running + 1))
+done
+wait || true
+
+failed=()
+for target in "${targets[@]}"; do
+    summary="artifacts/$target/summary"
+    [ -s "$summary" ] || printf '%-20s %12s executions  FAILED (no result)\n' "$target" "?" >"$summary"
+    cat "$summary"
+    grep -q ' ok$' "$summary" || failed+=("$target")
+done
 if [ "${#failed[@]}" -gt 0 ]; then
     echo "fuzz.sh: crashes in: ${failed[*]} (inputs saved under fuzz/regressions/)" >&2
     exit 1

@@ -1,7 +1,7 @@
 //! The agent as PID 1 of a real guest (QEMU+TCG, our guest kernel): vsock
-//! serving, containers on the initramfs and on virtio-fs storage, cgroup v2
-//! memory limits with an OOM event, a pids limit, resource updates, and
-//! power off.
+//! serving, containers on the initramfs and on virtio-fs storage, the spec's
+//! masked paths and seccomp profile on the guest kernel, cgroup v2 memory
+//! limits with an OOM event, a pids limit, resource updates, and power off.
 //!
 //! The host has cgroup v1 with memory and pids bound to it, so these limits
 //! can only be exercised in the guest. Needs vhost-device-vsock and
@@ -96,6 +96,47 @@ async fn guest_scenario(guest: &mut GuestAgent) -> Result<(), Failed> {
             guest.diagnostics()
         )
     })?;
+
+    // The guest kernel has /proc/kcore (the host's has none): a container
+    // whose spec masks it sees /dev/null there; one whose spec does not sees
+    // the kernel's core file. The spec's seccomp profile denies mkdir.
+    // /dev/shm is a writable tmpfs: only seccomp can make mkdir fail (EPERM).
+    let probe =
+        "stat -c %F /proc/kcore; wc -c < /proc/kcore; mkdir /dev/shm/d 2>&1 || echo mkdir-denied";
+    let mut masked = spec(Path::new(GUEST_ROOTFS), &["sh", "-c", probe]);
+    masked["linux"]["seccomp"] = json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+    });
+    let output = call(guest, "masked /proc/kcore", client.run("masked", &masked)).await?;
+    let text = output.stdout_text();
+    ensure(
+        text.starts_with("character special file\n0\n")
+            && text.contains("Operation not permitted")
+            && text.ends_with("mkdir-denied\n"),
+        || format!("{text:?} / {:?}", output.stderr_text()),
+    )?;
+    let mut unmasked = spec(
+        Path::new(GUEST_ROOTFS),
+        &["sh", "-c", "stat -c %F:%s /proc/kcore"],
+    );
+    unmasked["linux"]["maskedPaths"] = json!([]);
+    let output = call(
+        guest,
+        "unmasked /proc/kcore",
+        client.run("unmasked", &unmasked),
+    )
+    .await?;
+    let unmasked_kcore = output.stdout_text();
+    ensure(
+        unmasked_kcore.starts_with("regular ") && !unmasked_kcore.ends_with(":0\n"),
+        || {
+            format!(
+                "unmasked /proc/kcore: {unmasked_kcore:?} / {:?}",
+                output.stderr_text()
+            )
+        },
+    )?;
 
     // A rootfs shared by virtio-fs, mounted through the Storage API.
     let shared = "/run/shared-rootfs";
