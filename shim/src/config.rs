@@ -218,7 +218,18 @@ pub struct QemuConfig {
     pub binary: PathBuf,
     pub accel: Accel,
     pub vhost_device_vsock: PathBuf,
+    /// Confine each pod's QEMU with its own features: a seccomp filter
+    /// (`-sandbox`), a chroot into an empty dir under the pod dir, and a
+    /// drop to `jail_uid`/`jail_gid` once it has opened its files.
+    /// Turning it off is this explicit flag.
+    pub jail: bool,
+    /// With the jail: the uid/gid QEMU drops to. Never 0.
+    pub jail_uid: u32,
+    pub jail_gid: u32,
 }
+
+/// The overflow uid/gid (`nobody`/`nogroup` on Debian): owns no file.
+pub const NOBODY: u32 = 65534;
 
 impl Default for QemuConfig {
     fn default() -> Self {
@@ -226,6 +237,9 @@ impl Default for QemuConfig {
             binary: PathBuf::from("qemu-system-x86_64"),
             accel: Accel::Tcg,
             vhost_device_vsock: PathBuf::from("vhost-device-vsock"),
+            jail: true,
+            jail_uid: NOBODY,
+            jail_gid: NOBODY,
         }
     }
 }
@@ -353,6 +367,19 @@ impl Config {
                 ));
             }
         }
+        if self.qemu.jail {
+            for (key, id) in [
+                ("qemu.jail_uid", self.qemu.jail_uid),
+                ("qemu.jail_gid", self.qemu.jail_gid),
+            ] {
+                if id == 0 {
+                    return Err(invalid(
+                        key,
+                        "0 would leave the jailed QEMU root; set qemu.jail = false to run it unconfined".into(),
+                    ));
+                }
+            }
+        }
         let tap = &self.network.tap_name;
         if tap.is_empty() || tap.len() > 15 || tap.contains(['/', ' ', '\0']) {
             return Err(invalid(
@@ -463,6 +490,25 @@ mod tests {
         assert!(err.contains("`paths.state_dir`"), "{err}");
         let err = error_of("[vm\n");
         assert!(err.contains("config.toml"), "{err}");
+    }
+
+    #[test]
+    fn qemu_is_jailed_as_nobody_unless_turned_off() {
+        let config = parse("").unwrap();
+        assert!(config.qemu.jail);
+        assert_eq!((config.qemu.jail_uid, config.qemu.jail_gid), (65534, 65534));
+        let config = parse("[qemu]\njail_uid = 1000\njail_gid = 1001\n").unwrap();
+        assert_eq!((config.qemu.jail_uid, config.qemu.jail_gid), (1000, 1001));
+        let err = error_of("[qemu]\njail_uid = 0\n");
+        assert!(err.contains("`qemu.jail_uid`"), "{err}");
+        assert!(err.contains("qemu.jail = false"), "{err}");
+        let err = error_of("[qemu]\njail_gid = 0\n");
+        assert!(err.contains("`qemu.jail_gid`"), "{err}");
+        let err = error_of("[qemu]\njail_uid = -1\n");
+        assert!(err.contains("`qemu.jail_uid`"), "{err}");
+        // Off, the ids are unused: 0 is no contradiction.
+        let config = parse("[qemu]\njail = false\njail_uid = 0\n").unwrap();
+        assert!(!config.qemu.jail);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use crate::config::{Config, CONFIG_PATH_ENV};
 use crate::events::{self, EventQueue};
 use crate::service::{config_path_from_options, pod_id_of, TaskService, POD_DIR_FILE};
-use crate::vm::supervisor::{kill_recorded, process_start_time};
+use crate::vm::supervisor::{kill_recorded, process_start_time, still_running};
 use crate::{rootfs, vm::layout::PodLayout};
 use async_trait::async_trait;
 use containerd_shim::asynchronous::publisher::RemotePublisher;
@@ -379,7 +379,7 @@ fn shim_alive(pod_dir: &Path) -> bool {
     let start_time = words.next().and_then(|w| w.parse::<u64>().ok());
     match (pid, start_time) {
         (Some(pid), Some(start_time)) => {
-            pid != std::process::id() && process_start_time(pid) == Some(start_time)
+            pid != std::process::id() && still_running(pid, start_time)
         }
         _ => false,
     }
@@ -487,6 +487,7 @@ mod tests {
             log_file: tmp.join("pod.log"),
         };
         std::fs::create_dir_all(layout.pid_dir()).unwrap();
+        std::fs::create_dir_all(layout.socket_dir()).unwrap();
         let vmm = std::process::Command::new("sleep")
             .arg("60")
             .spawn()

@@ -272,3 +272,52 @@ fn jail_refuses_bad_input_and_leaves_nothing_behind() {
         assert!(!Path::new(&cgroup).exists(), "{cgroup} left behind");
     }
 }
+
+/// A supervisor killed outright (SIGKILL, which it cannot forward) takes the
+/// jailed VMM with it: the VMM is PID 1 of its own namespace and would
+/// otherwise run on with nobody to stop it.
+#[test]
+fn jailed_vmm_dies_with_a_killed_supervisor() {
+    let dir = TempDir::new("jail-kill");
+    let jail_name = format!("mvt-jail-kill-{}", std::process::id());
+    let jail = dir.join(&jail_name);
+    let console = dir.join("console.log");
+    let mut supervisor = ChildGuard(Some(
+        Command::new(binary("microvm-vmm"))
+            .args(["--jail", jail.to_str().unwrap()])
+            .args(["--uid", &UID.to_string(), "--gid", &GID.to_string()])
+            .args(["--kernel", probe_guest_elf().unwrap().to_str().unwrap()])
+            .args(["--cmdline", "probe.idle=1"])
+            .args(["--serial-output", console.to_str().unwrap()])
+            .args(["--log-level", "warn"])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
+    let supervisor_pid = supervisor.0.as_ref().unwrap().id();
+    let vmm = child_of(supervisor_pid);
+    assert!(
+        wait_for_text(&console, "probe: idle", Duration::from_secs(30)),
+        "{}",
+        std::fs::read_to_string(&console).unwrap_or_default()
+    );
+    assert_eq!(status_field(vmm, "Seccomp:"), "2", "the VMM is not running yet");
+
+    supervisor.0.as_mut().unwrap().kill().unwrap();
+    supervisor.0.as_mut().unwrap().wait().unwrap();
+    supervisor.0 = None;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Path::new(&format!("/proc/{vmm}")).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !Path::new(&format!("/proc/{vmm}")).exists(),
+        "the jailed VMM (pid {vmm}) outlived its killed supervisor"
+    );
+    // What a killed supervisor cannot clean up is its caller's: the jail
+    // directory (no mounts in this namespace) and the cgroup.
+    std::fs::remove_dir_all(&jail).unwrap();
+    for hierarchy in ["pids/", "memory/", "cpu/", "cpuset/", ""] {
+        let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/{hierarchy}microvm/{jail_name}"));
+    }
+}

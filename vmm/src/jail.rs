@@ -18,7 +18,9 @@
 //!    `/microvm-vmm --config /vm/config.json [--api-sock ...]`.
 //! 3. The supervisor forwards SIGTERM/SIGINT/SIGHUP to the child, waits,
 //!    removes `DIR` and the cgroup, and exits with the child's status
-//!    (128 + N if signal N killed it).
+//!    (128 + N if signal N killed it). A supervisor killed outright takes
+//!    the VMM with it (parent-death signal), but leaves `DIR` and the
+//!    cgroup to its caller: stop it with SIGTERM.
 //!
 //! `DIR` is only ever removed from the supervisor's mount namespace, where the
 //! bind mounts never existed, so removing it cannot touch the files that
@@ -51,6 +53,8 @@ pub enum JailError {
     Interpreter(String),
     #[error("socket path {0} has no parent directory")]
     SocketPath(PathBuf),
+    #[error("the jail supervisor exited before the VMM started")]
+    SupervisorGone,
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> JailError + 'a {
@@ -627,6 +631,15 @@ fn spawn_and_wait(setup: &ChildSetup, cgroups: &Cgroups) -> Result<u8, JailError
     if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
         return Err(sys("unshare(CLONE_NEWPID)"));
     }
+    // The lifeline: this process holds the write end for as long as it
+    // lives, so the child can tell whether it already died (see
+    // die_with_supervisor).
+    let mut lifeline = [0; 2];
+    // SAFETY: `lifeline` is a two-element array, as pipe2 needs.
+    if unsafe { libc::pipe2(lifeline.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(sys("pipe2"));
+    }
+    let [lifeline_read, lifeline_write] = lifeline;
     // SAFETY: the process is single-threaded here (no VMM thread exists yet),
     // so the child may run arbitrary code.
     let pid = unsafe { libc::fork() };
@@ -634,12 +647,17 @@ fn spawn_and_wait(setup: &ChildSetup, cgroups: &Cgroups) -> Result<u8, JailError
         return Err(sys("fork"));
     }
     if pid == 0 {
-        let error = enter_and_exec(setup, cgroups, &old_mask);
+        // SAFETY: the child's copy of the write end; only the supervisor's
+        // may keep the pipe open.
+        unsafe { libc::close(lifeline_write) };
+        let error = enter_and_exec(setup, cgroups, &old_mask, lifeline_read);
         eprintln!("microvm-vmm: error: jail: {error}");
         // SAFETY: leave the child without running the parent's destructors
         // (which would remove the jail directory).
         unsafe { libc::_exit(2) };
     }
+    // SAFETY: the parent's copy of the read end, unused here.
+    unsafe { libc::close(lifeline_read) };
     tracing::info!(pid, dir = %setup.dir.display(), "jailed VMM started");
     loop {
         // SAFETY: valid set; a null info pointer is allowed.
@@ -670,8 +688,13 @@ fn spawn_and_wait(setup: &ChildSetup, cgroups: &Cgroups) -> Result<u8, JailError
 
 /// In the child: namespaces, mounts, pivot_root, credentials, exec. Returns
 /// only on failure.
-fn enter_and_exec(setup: &ChildSetup, cgroups: &Cgroups, old_mask: &libc::sigset_t) -> JailError {
-    match prepare_child(setup, cgroups) {
+fn enter_and_exec(
+    setup: &ChildSetup,
+    cgroups: &Cgroups,
+    old_mask: &libc::sigset_t,
+    lifeline: libc::c_int,
+) -> JailError {
+    match prepare_child(setup, cgroups, lifeline) {
         Ok(()) => {}
         Err(e) => return e,
     }
@@ -686,7 +709,11 @@ fn enter_and_exec(setup: &ChildSetup, cgroups: &Cgroups, old_mask: &libc::sigset
     sys("execve /microvm-vmm")
 }
 
-fn prepare_child(setup: &ChildSetup, cgroups: &Cgroups) -> Result<(), JailError> {
+fn prepare_child(
+    setup: &ChildSetup,
+    cgroups: &Cgroups,
+    lifeline: libc::c_int,
+) -> Result<(), JailError> {
     cgroups.join()?;
     // SAFETY: plain syscalls on no memory of ours.
     if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
@@ -734,12 +761,38 @@ fn prepare_child(setup: &ChildSetup, cgroups: &Cgroups) -> Result<(), JailError>
     }
     let _ = std::fs::remove_dir("/old_root");
     drop_privileges(setup.owner)?;
+    die_with_supervisor(lifeline)?;
     // SAFETY: sets a flag on this process only.
     unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
     // Every fd but stdio: nothing of the supervisor's leaks into the VMM.
     // SAFETY: closes fds of this (single-threaded) child only.
     if unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) } != 0 {
         return Err(sys("close_range"));
+    }
+    Ok(())
+}
+
+/// The VMM is PID 1 of its own namespace: a supervisor killed outright
+/// (SIGKILL, which it cannot forward) would otherwise leave it running with
+/// nobody to reap or stop it. PR_SET_PDEATHSIG makes the kernel kill it
+/// then. Set after the uid/gid change, which clears it; the lifeline pipe
+/// catches a supervisor that died before this point.
+fn die_with_supervisor(lifeline: libc::c_int) -> Result<(), JailError> {
+    // SAFETY: sets a flag on this process only.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
+        return Err(sys("prctl(PR_SET_PDEATHSIG)"));
+    }
+    let mut poll = libc::pollfd {
+        fd: lifeline,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait.
+    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+    if ready != 0 {
+        // Nobody writes to the pipe: readable means every write end is
+        // closed, so the supervisor is gone.
+        return Err(JailError::SupervisorGone);
     }
     Ok(())
 }

@@ -102,6 +102,13 @@ impl HostCgroup {
     /// Removes what [`HostCgroup::create`] made, once its processes are
     /// gone. Best effort: a cgroup still in use stays (and is logged).
     pub fn remove(&self) {
+        // Cgroups made below the pod's (the jailed VMM's own) outlive a
+        // jail supervisor that was killed outright.
+        for leaf in &self.leaves {
+            if self.created.contains(leaf) {
+                remove_nested(leaf);
+            }
+        }
         let mut created = self.created.clone();
         // Deepest first, across hierarchies.
         created.sort_by_key(|dir| std::cmp::Reverse(dir.components().count()));
@@ -130,6 +137,34 @@ impl HostCgroup {
                         tracing::warn!("cannot remove cgroup {}: {err}", dir.display());
                         break;
                     }
+                }
+            }
+        }
+    }
+}
+
+/// Removes every cgroup below `dir`, deepest first (a cgroup directory
+/// holds only interface files, which rmdir does not mind).
+fn remove_nested(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+            let child = entry.path();
+            remove_nested(&child);
+            // A process just killed can still count as a member for a
+            // moment (EBUSY): retry briefly.
+            for attempt in 0.. {
+                match std::fs::remove_dir(&child) {
+                    Err(err) if err.raw_os_error() == Some(libc::EBUSY) && attempt < 40 => {
+                        std::thread::sleep(std::time::Duration::from_millis(25));
+                    }
+                    Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                        tracing::warn!("cannot remove cgroup {}: {err}", child.display());
+                        break;
+                    }
+                    _ => break,
                 }
             }
         }
@@ -302,6 +337,11 @@ mod tests {
         );
         child.kill().unwrap();
         child.wait().unwrap();
+        // What a jailed VMM whose supervisor was killed leaves: its own
+        // cgroup below the pod's.
+        for leaf in &cgroup.leaves {
+            std::fs::create_dir_all(leaf.join("root/nested")).unwrap();
+        }
         let record = std::env::temp_dir().join(format!("microvm-cgroups-{}", std::process::id()));
         cgroup.record(&record);
         remove_recorded(&record);

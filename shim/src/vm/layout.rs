@@ -15,10 +15,10 @@ pub struct PodLayout {
     pub log_file: PathBuf,
 }
 
-/// The longest socket path the pod dir must hold: `vu.sock` plus the
+/// The longest socket path the pod dir must hold: `s/vu.sock` plus the
 /// `_<port>` suffix vhost-device-vsock appends for guest-initiated
 /// connections, within sun_path's 108 bytes (NUL included).
-const LONGEST_SOCKET_SUFFIX: &str = "/vu.sock_4294967295";
+const LONGEST_SOCKET_SUFFIX: &str = "/s/vu.sock_4294967295";
 const SUN_PATH_MAX: usize = 107;
 
 impl PodLayout {
@@ -38,24 +38,38 @@ impl PodLayout {
         }
     }
 
+    /// The pod's unix sockets, apart from the rest of the pod dir: a jailed
+    /// VMM gets this directory alone (owned by its uid when it drops to
+    /// one), never the container rootfs or the shim's state. One letter:
+    /// a 64-character pod id under /run/microvm/k8s.io must still fit
+    /// sun_path.
+    pub fn socket_dir(&self) -> PathBuf {
+        self.dir.join("s")
+    }
+
     /// Hybrid vsock: the shim connects here and writes `CONNECT <port>`.
     pub fn agent_socket(&self) -> PathBuf {
-        self.dir.join("vs.sock")
+        self.socket_dir().join("vs.sock")
     }
 
     /// vhost-user socket between QEMU and vhost-device-vsock.
     pub fn vhost_vsock_socket(&self) -> PathBuf {
-        self.dir.join("vu.sock")
+        self.socket_dir().join("vu.sock")
     }
 
     /// vhost-user socket between the VMM and virtiofsd.
     pub fn virtiofs_socket(&self) -> PathBuf {
-        self.dir.join("fs.sock")
+        self.socket_dir().join("fs.sock")
     }
 
     /// Shared into the guest by virtiofsd; holds one directory per container.
     pub fn shared_dir(&self) -> PathBuf {
         self.dir.join("shared")
+    }
+
+    /// The jailed QEMU's root: empty, so after init it sees no host file.
+    pub fn qemu_root(&self) -> PathBuf {
+        self.dir.join("qemu-root")
     }
 
     /// The host cgroups the shim made for the pod, one per line.
@@ -123,7 +137,7 @@ mod tests {
     #[test]
     fn a_long_state_dir_gets_a_short_stable_pod_dir() {
         let id = "f670e623546846e1eda3c716eda8fb515284e6a1db2e298b700b6c78bb96697a";
-        let state = Path::new("/tmp/a-rather-long-test-directory-name-12345/state");
+        let state = Path::new("/tmp/a-rather-long-test-directory-name/state");
         let layout = PodLayout::new(state, Path::new("/l"), "k8s.io", id);
         let again = PodLayout::new(state, Path::new("/l"), "k8s.io", id);
         assert_eq!(layout.dir, again.dir);

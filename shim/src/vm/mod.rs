@@ -65,6 +65,13 @@ pub struct ProcessSpec {
     pub is_vmm: bool,
     /// Start it in this network namespace (the pod's, for the VMM).
     pub netns: Option<PathBuf>,
+    /// The supervisor makes this empty, unwritable dir before the start:
+    /// the process chroots into it.
+    pub empty_root: Option<PathBuf>,
+    /// `(uid, gid)`: before the start, the pod's socket dir and the sockets
+    /// already in it go to this owner (a VMM that drops to it must create
+    /// and connect to them).
+    pub socket_owner: Option<(Option<u32>, Option<u32>)>,
 }
 
 pub trait Backend: Send + Sync {
@@ -86,6 +93,10 @@ pub fn backend_for(config: &Config) -> Box<dyn Backend> {
             qemu: config.qemu.binary.clone(),
             accel: config.qemu.accel,
             vhost_device_vsock: config.qemu.vhost_device_vsock.clone(),
+            jail: config.qemu.jail.then_some(QemuJail {
+                uid: config.qemu.jail_uid,
+                gid: config.qemu.jail_gid,
+            }),
         }),
     }
 }
@@ -184,6 +195,8 @@ fn virtiofsd(spec: &PodVmSpec) -> ProcessSpec {
         ready_socket: Some(layout.virtiofs_socket()),
         is_vmm: false,
         netns: None,
+        empty_root: None,
+        socket_owner: None,
     }
 }
 
@@ -240,9 +253,10 @@ impl Backend for BuiltinBackend {
             os(spec.memory_mib.to_string()),
             os("--vsock-uds"),
             layout.agent_socket().into(),
-            os("--serial-output"),
-            layout.log_file.clone().into(),
         ]);
+        // No --serial-output: the console goes to stdout, which the
+        // supervisor points at the pod's log. A jailed VMM that dropped its
+        // uid could not open that root-only file itself.
         // virtio-fs through virtiofsd (vhost-user), as with QEMU.
         let mut fs = OsString::from(layout.virtiofs_socket());
         fs.push(format!(",tag={SHARED_FS_TAG}"));
@@ -258,6 +272,11 @@ impl Backend for BuiltinBackend {
             ready_socket: Some(layout.agent_socket()),
             is_vmm: true,
             netns: spec.nic.as_ref().map(|nic| nic.netns.clone()),
+            empty_root: None,
+            socket_owner: self
+                .jail
+                .filter(|jail| jail.uid.is_some() || jail.gid.is_some())
+                .map(|jail| (jail.uid, jail.gid)),
         };
         vec![virtiofsd(spec), vmm]
     }
@@ -271,7 +290,25 @@ pub struct QemuBackend {
     pub qemu: PathBuf,
     pub accel: Accel,
     pub vhost_device_vsock: PathBuf,
+    /// `None`: `qemu.jail = false`.
+    pub jail: Option<QemuJail>,
 }
+
+/// The ids QEMU drops to once it has opened its files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QemuJail {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// QEMU's seccomp filter. elevateprivileges stays `allow`: QEMU 7.2 loads
+/// the filter before it opens its devices and drops to `-runas` last, so
+/// with `deny` (or `children`) its own setgid() dies of SIGSYS (seen here:
+/// exit by signal 31 on syscall 106). Once it has dropped, QEMU holds no
+/// capability, the filter has set no_new_privs and spawn=deny forbids
+/// exec, so set*id can no longer get root back.
+const QEMU_SECCOMP: &str =
+    "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny";
 
 impl Backend for QemuBackend {
     fn name(&self) -> &'static str {
@@ -294,6 +331,8 @@ impl Backend for QemuBackend {
             ready_socket: Some(layout.vhost_vsock_socket()),
             is_vmm: false,
             netns: None,
+            empty_root: None,
+            socket_owner: None,
         };
         let (accel, cpu) = match self.accel {
             Accel::Kvm => ("kvm", "host"),
@@ -353,6 +392,8 @@ impl Backend for QemuBackend {
                 ready_socket: None,
                 is_vmm: true,
                 netns: None,
+                empty_root: None,
+                socket_owner: None,
             };
         let mut qemu = qemu;
         if let Some(nic) = &spec.nic {
@@ -368,6 +409,21 @@ impl Backend for QemuBackend {
                 os(format!("virtio-net-device,netdev=net0,mac={}", nic.mac)),
             ]);
             qemu.netns = Some(nic.netns.clone());
+        }
+        if let Some(jail) = &self.jail {
+            // QEMU opens every file it needs (kernel, initrd, console log,
+            // vhost-user sockets, tap, memfd) during init; only then does it
+            // chroot into an empty dir and drop its uid (QEMU 7.2 syntax).
+            let root = layout.qemu_root();
+            qemu.args.extend([
+                os("-sandbox"),
+                os(QEMU_SECCOMP),
+                os("-chroot"),
+                root.clone().into(),
+                os("-runas"),
+                os(format!("{}:{}", jail.uid, jail.gid)),
+            ]);
+            qemu.empty_root = Some(root);
         }
         vec![virtiofsd(spec), vsock, qemu]
     }
@@ -409,6 +465,7 @@ mod tests {
             qemu: "q".into(),
             accel: Accel::Tcg,
             vhost_device_vsock: "v".into(),
+            jail: None,
         };
         let plan = qemu.plan(&with_nic());
         assert_eq!(plan[0].netns, None);
@@ -444,18 +501,19 @@ mod tests {
             qemu: "qemu-system-x86_64".into(),
             accel: Accel::Tcg,
             vhost_device_vsock: "vhost-device-vsock".into(),
+            jail: None,
         };
         let plan = backend.plan(&spec());
         let names: Vec<_> = plan.iter().map(|p| p.name).collect();
         assert_eq!(names, ["virtiofsd", "vhost-device-vsock", "qemu"]);
         assert_eq!(
             plan[0].ready_socket.as_deref(),
-            Some(Path::new("/run/mv/ns/pod/fs.sock"))
+            Some(Path::new("/run/mv/ns/pod/s/fs.sock"))
         );
         assert!(joined(&plan[0]).contains("--shared-dir /run/mv/ns/pod/shared"));
         assert_eq!(
             joined(&plan[1]),
-            "--guest-cid 3 --socket /run/mv/ns/pod/vu.sock --uds-path /run/mv/ns/pod/vs.sock"
+            "--guest-cid 3 --socket /run/mv/ns/pod/s/vu.sock --uds-path /run/mv/ns/pod/s/vs.sock"
         );
         let qemu = joined(&plan[2]);
         assert!(plan[2].is_vmm && !plan[0].is_vmm && !plan[1].is_vmm);
@@ -468,12 +526,50 @@ mod tests {
             "-kernel /img/vmlinux -initrd /img/initrd",
             "reboot=t",
             "loglevel=7",
-            "-chardev socket,id=vsock,path=/run/mv/ns/pod/vu.sock -device vhost-user-vsock-device,chardev=vsock",
-            "-chardev socket,id=fs,path=/run/mv/ns/pod/fs.sock -device vhost-user-fs-device,chardev=fs,tag=microvm-shared",
+            "-chardev socket,id=vsock,path=/run/mv/ns/pod/s/vu.sock -device vhost-user-vsock-device,chardev=vsock",
+            "-chardev socket,id=fs,path=/run/mv/ns/pod/s/fs.sock -device vhost-user-fs-device,chardev=fs,tag=microvm-shared",
         ] {
             assert!(qemu.contains(expected), "{expected} missing from {qemu}");
         }
         assert!(!qemu.contains("reboot=k"));
+    }
+
+    #[test]
+    fn qemu_is_jailed_by_default_as_nobody_in_an_empty_root() {
+        let mut config = Config {
+            backend: BackendKind::Qemu,
+            ..Config::default()
+        };
+        let plan = backend_for(&config).plan(&with_nic());
+        let qemu = joined(&plan[2]);
+        assert!(
+            qemu.ends_with(
+                " -sandbox on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny \
+                 -chroot /run/mv/ns/pod/qemu-root -runas 65534:65534"
+            ),
+            "{qemu}"
+        );
+        assert_eq!(
+            plan[2].empty_root.as_deref(),
+            Some(Path::new("/run/mv/ns/pod/qemu-root"))
+        );
+        assert!(plan[..2].iter().all(|helper| helper.empty_root.is_none()));
+        // The jail changes neither the netns join nor the tap.
+        assert_eq!(plan[2].netns, Some(PathBuf::from("/var/run/netns/cni-1")));
+        assert!(qemu.contains("-netdev tap,id=net0,ifname=tap0_microvm,"));
+
+        config.qemu.jail_uid = 1000;
+        config.qemu.jail_gid = 1001;
+        let qemu = joined(&backend_for(&config).plan(&spec())[2]);
+        assert!(qemu.ends_with("-runas 1000:1001"), "{qemu}");
+
+        config.qemu.jail = false;
+        let plan = backend_for(&config).plan(&spec());
+        let qemu = joined(&plan[2]);
+        for flag in ["-sandbox", "-chroot", "-runas"] {
+            assert!(!qemu.contains(flag), "{flag} in {qemu}");
+        }
+        assert!(plan.iter().all(|process| process.empty_root.is_none()));
     }
 
     #[test]
@@ -482,6 +578,7 @@ mod tests {
             qemu: "q".into(),
             accel: Accel::Kvm,
             vhost_device_vsock: "v".into(),
+            jail: None,
         };
         let plan = backend.plan(&spec());
         assert!(joined(&plan[2]).contains("-accel kvm -cpu host"));
@@ -501,12 +598,12 @@ mod tests {
         assert!(plan[1].is_vmm && !plan[0].is_vmm);
         assert_eq!(plan[1].program, PathBuf::from("/bin/microvm-vmm"));
         let args = joined(&plan[1]);
-        assert!(args.contains("--vsock-uds /run/mv/ns/pod/vs.sock"));
-        assert!(args.contains("--serial-output /var/log/mv/ns-pod.log"));
+        assert!(args.contains("--vsock-uds /run/mv/ns/pod/s/vs.sock"));
+        assert!(!args.contains("--serial-output"), "{args}");
         assert!(args.contains("--vcpus 2 --memory-mib 256"));
         assert!(args.contains("reboot=k"));
         assert!(args.contains("microvm_debug_shell=1"));
-        assert!(args.contains("--fs /run/mv/ns/pod/fs.sock,tag=microvm-shared"));
+        assert!(args.contains("--fs /run/mv/ns/pod/s/fs.sock,tag=microvm-shared"));
     }
 
     #[test]
@@ -531,8 +628,13 @@ mod tests {
                 gid: Some(1000),
             }),
         };
-        assert!(joined(&jailed_as_user.plan(&spec())[1])
+        let as_user = jailed_as_user.plan(&spec());
+        assert!(joined(&as_user[1])
             .starts_with("--jail /run/mv/ns/pod/root --uid 1000 --gid 1000 --kernel"));
+        // Its sockets (its own and virtiofsd's) become that user's; a VMM
+        // that stays root needs no such handover.
+        assert_eq!(as_user[1].socket_owner, Some((Some(1000), Some(1000))));
+        assert!(as_user[0].socket_owner.is_none() && plan[1].socket_owner.is_none());
         let mut unjailed = Config::default();
         unjailed.builtin.jail = false;
         assert!(joined(&backend_for(&unjailed).plan(&spec())[1]).starts_with("--kernel"));

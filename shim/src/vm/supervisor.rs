@@ -8,6 +8,7 @@ use super::cgroup::{join_in_child, HostCgroup};
 use super::layout::PodLayout;
 use super::ProcessSpec;
 use crate::network::NetnsForChild;
+use std::os::unix::fs::DirBuilderExt;
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -16,8 +17,10 @@ use tokio::sync::{oneshot, watch};
 
 /// How often readiness is polled.
 const POLL: Duration = Duration::from_millis(10);
-/// How long a killed process may take to be reaped.
-const REAP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a process may take to stop after SIGTERM before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+/// How long a stopped process may take to be reaped.
+const REAP_TIMEOUT: Duration = STOP_GRACE.saturating_add(Duration::from_secs(5));
 
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
@@ -151,6 +154,15 @@ impl PodVm {
             std::fs::create_dir_all(&dir)
                 .map_err(|source| LaunchError::Prepare { path: dir, source })?;
         }
+        let socket_dir = layout.socket_dir();
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&socket_dir)
+            .map_err(|source| LaunchError::Prepare {
+                path: socket_dir,
+                source,
+            })?;
         if let Some(log_dir) = layout.log_file.parent() {
             std::fs::create_dir_all(log_dir).map_err(|source| LaunchError::Prepare {
                 path: log_dir.to_path_buf(),
@@ -195,6 +207,12 @@ impl PodVm {
             // A stale socket from a crashed run would look ready at once.
             let _ = std::fs::remove_file(socket);
             self.sockets.push(socket.clone());
+        }
+        if let Some(root) = &spec.empty_root {
+            make_empty_root(root)?;
+        }
+        if let Some((uid, gid)) = spec.socket_owner {
+            self.give_sockets_to(uid, gid)?;
         }
         let netns = match &spec.netns {
             Some(path) => Some(NetnsForChild::open(path).map_err(|err| LaunchError::Netns {
@@ -253,9 +271,24 @@ impl PodVm {
             let status = tokio::select! {
                 status = child.wait() => status,
                 _ = kill_rx => {
-                    // Best effort: it may have exited meanwhile.
-                    let _ = child.start_kill();
-                    child.wait().await
+                    // SIGTERM first: the jailed VMM's supervisor removes
+                    // its jail dir and cgroup only when it can forward a
+                    // stop; SIGKILL for whatever ignores it. Best effort:
+                    // it may have exited meanwhile.
+                    // pid 0 (unknown) would signal the shim's own group.
+                    if let Some(raw) = i32::try_from(pid).ok().filter(|raw| *raw > 0) {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(raw),
+                            nix::sys::signal::Signal::SIGTERM,
+                        );
+                    }
+                    match tokio::time::timeout(STOP_GRACE, child.wait()).await {
+                        Ok(status) => status,
+                        Err(_) => {
+                            let _ = child.start_kill();
+                            child.wait().await
+                        }
+                    }
                 }
             };
             let description = match status {
@@ -302,6 +335,28 @@ impl PodVm {
         }
     }
 
+    /// The socket dir and the sockets in it (those of the processes
+    /// started so far) to `uid`/`gid`. The pod dir above stays root's 0700,
+    /// so only a process handed this dir (the jailed VMM) can reach them.
+    fn give_sockets_to(&self, uid: Option<u32>, gid: Option<u32>) -> Result<(), LaunchError> {
+        let dir = self.layout.socket_dir();
+        let chown = |path: &Path| {
+            std::os::unix::fs::lchown(path, uid, gid).map_err(|source| LaunchError::Prepare {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        chown(&dir)?;
+        let entries = std::fs::read_dir(&dir).map_err(|source| LaunchError::Prepare {
+            path: dir.clone(),
+            source,
+        })?;
+        for entry in entries.flatten() {
+            chown(&entry.path())?;
+        }
+        Ok(())
+    }
+
     pub fn exit_watch(&self) -> ExitWatch {
         ExitWatch {
             watched: self
@@ -333,7 +388,8 @@ impl PodVm {
         vmm.or_else(|| self.processes.iter().find_map(exit))
     }
 
-    /// Kills every process (the VMM first), waits until each is reaped,
+    /// Stops every process (the VMM first; SIGTERM, then SIGKILL after
+    /// [`STOP_GRACE`]), waits until each is reaped,
     /// and removes the pid files and sockets. Idempotent.
     pub async fn shutdown(&mut self) {
         for process in self.processes.iter_mut().rev() {
@@ -355,8 +411,30 @@ impl PodVm {
             let _ = std::fs::remove_file(socket);
         }
         let _ = std::fs::remove_file(self.layout.agent_socket());
+        let _ = std::fs::remove_dir(self.layout.socket_dir());
         let _ = std::fs::remove_dir(self.layout.pid_dir());
     }
+}
+
+/// The root of a chrooted process: empty, and not writable by it once it
+/// dropped root. A dir left by an earlier run is reused only if empty.
+fn make_empty_root(dir: &Path) -> Result<(), LaunchError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let prepare = |source| LaunchError::Prepare {
+        path: dir.to_path_buf(),
+        source,
+    };
+    match std::fs::DirBuilder::new().mode(0o555).create(dir) {
+        Ok(()) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
+            if std::fs::read_dir(dir).map_err(prepare)?.next().is_some() {
+                return Err(prepare(std::io::Error::other("a chroot dir must be empty")));
+            }
+        }
+        Err(err) => return Err(prepare(err)),
+    }
+    // The umask may have narrowed the mode above.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o555)).map_err(prepare)
 }
 
 /// `<pid> <starttime>`: the start time (field 22 of /proc/<pid>/stat) tells
@@ -378,6 +456,21 @@ pub fn process_start_time(pid: u32) -> Option<u64> {
     // last ')'. Field 3 is then the first word.
     let rest = &stat[stat.rfind(')')? + 1..];
     rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether `pid` is still the process started at `start_time` and has not
+/// exited. A zombie has: a SIGKILLed shim stays one until it is reaped,
+/// and the crash cleanup must not take it for a live one.
+pub fn still_running(pid: u32, start_time: u64) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let Some(at) = stat.rfind(')') else {
+        return false;
+    };
+    // Field 3 (state), then field 22 (starttime).
+    let mut fields = stat[at + 1..].split_whitespace();
+    let state = fields.next();
+    let started = fields.nth(18).and_then(|word| word.parse::<u64>().ok());
+    started == Some(start_time) && !matches!(state, Some("Z" | "X"))
 }
 
 /// Kills every process recorded in `pid_dir` that is still the same process
@@ -458,6 +551,8 @@ mod tests {
             ready_socket: ready,
             is_vmm,
             netns: None,
+            empty_root: None,
+            socket_owner: None,
         }
     }
 
@@ -564,11 +659,48 @@ mod tests {
             ready_socket: None,
             is_vmm: true,
             netns: None,
+            empty_root: None,
+            socket_owner: None,
         }];
         let err = PodVm::launch(plan, &layout, Duration::from_millis(100), None)
             .await
             .unwrap_err();
         assert!(err.to_string().contains("/nonexistent/microvm-vmm"));
+    }
+
+    #[tokio::test]
+    async fn a_chrooted_process_gets_an_empty_read_only_root() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = layout(tmp.path());
+        let root = layout.dir.join("empty");
+        let mut vmm = sh(
+            "vmm",
+            &format!("test -d {} && exec sleep 60", root.display()),
+            None,
+            true,
+        );
+        vmm.empty_root = Some(root.clone());
+        let mut vm = PodVm::launch(vec![vmm.clone()], &layout, Duration::from_secs(5), None)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(vm.any_exited().is_none(), "the root was not there");
+        vm.shutdown().await;
+        let mode = std::fs::metadata(&root).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o555);
+        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
+
+        // A leftover with something in it is refused, not chrooted into.
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(root.join("host-file"), "x").unwrap();
+        let err = PodVm::launch(vec![vmm], &layout, Duration::from_secs(5), None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, LaunchError::Prepare { ref path, .. } if *path == root),
+            "{err}"
+        );
     }
 
     #[tokio::test]
@@ -624,6 +756,25 @@ mod tests {
         assert!(!pid_dir.exists());
         other.kill().unwrap();
         other.wait().unwrap();
+    }
+
+    #[test]
+    fn a_zombie_is_not_running() {
+        let me = std::process::id();
+        let start = process_start_time(me).unwrap();
+        assert!(still_running(me, start));
+        assert!(!still_running(me, start + 1), "a recycled pid");
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        let start = process_start_time(pid).unwrap();
+        // Exited, not yet reaped: a zombie, with its start time intact.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while still_running(pid, start) {
+            assert!(std::time::Instant::now() < deadline, "true never exited");
+            std::thread::sleep(POLL);
+        }
+        assert_eq!(process_start_time(pid), Some(start));
+        child.wait().unwrap();
     }
 
     #[test]

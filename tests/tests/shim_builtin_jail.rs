@@ -1,0 +1,232 @@
+//! The shim's `builtin` backend for real: the plan the shim makes for a pod,
+//! run by the shim's own supervisor, starts virtiofsd and then microvm-vmm
+//! in its jail, under the pod's host cgroup. A Linux guest cannot boot under
+//! KVM on a PVM host, so the probe guest stands in for the guest kernel
+//! (`probe.idle=1` on the shim's command line); everything on the host side
+//! is what a pod gets. Then the pod is stopped the way the shim stops a pod
+//! whose agent does not answer, and nothing may be left.
+//!
+//! Needs /dev/kvm and virtiofsd (scripts/install-deps.sh installs it).
+
+use microvm_shim::vm::cgroup::HostCgroup;
+use microvm_shim::vm::layout::PodLayout;
+use microvm_shim::vm::supervisor::PodVm;
+use microvm_shim::vm::{Backend, BuiltinBackend, Jail, PodVmSpec};
+use microvm_tests::agent_qemu::find_tool;
+use microvm_tests::harness::{binary, wait_for_text, TempDir};
+use microvm_tests::probe::probe_guest_elf;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// `nobody` on Debian.
+const JAIL_ID: u32 = 65534;
+
+fn status_field(pid: u32, key: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix(key))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// The jail supervisor's only child: the VMM itself.
+fn jailed_child(supervisor: u32) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let children = std::fs::read_to_string(format!(
+            "/proc/{supervisor}/task/{supervisor}/children"
+        ))
+        .unwrap_or_default();
+        if let Some(child) = children.split_whitespace().next() {
+            return child.parse().expect("a pid");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the jail supervisor {supervisor} has no child"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The pod cgroup goes even when an assertion fails.
+struct RemovedOnDrop(HostCgroup);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        self.0.remove();
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// The pod's host cgroup in the pids hierarchy (v1 here, v2 elsewhere).
+fn pids_cgroup(relative: &str) -> PathBuf {
+    if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        Path::new("/sys/fs/cgroup").join(relative)
+    } else {
+        Path::new("/sys/fs/cgroup/pids").join(relative)
+    }
+}
+
+#[test]
+fn shim_starts_the_jailed_vmm_under_the_pod_cgroup_and_stops_it_without_leftovers() {
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "/dev/kvm is missing: this test runs the probe guest under KVM"
+    );
+    let virtiofsd = find_tool("virtiofsd")
+        .expect("virtiofsd not found: scripts/install-deps.sh installs it (cargo install virtiofsd)");
+    let dir = TempDir::new("shim-jail");
+    let layout = PodLayout::new(&dir.join("state"), &dir.join("logs"), "ns", "pod1");
+    std::fs::create_dir_all(layout.shared_dir()).unwrap();
+    let initramfs = dir.join("empty.cpio");
+    std::fs::write(&initramfs, b"").unwrap();
+    let cgroup_path = format!("/mvt-pods-{}/pod1", std::process::id());
+    let cgroup = RemovedOnDrop(HostCgroup::create(&cgroup_path).unwrap());
+
+    let spec = PodVmSpec {
+        layout: layout.clone(),
+        kernel: probe_guest_elf().unwrap(),
+        initramfs,
+        kernel_args: "probe.idle=1".into(),
+        vcpus: 1,
+        memory_mib: 64,
+        debug_console: false,
+        virtiofsd: virtiofsd.clone(),
+        nic: None,
+        host_cgroup: Some(cgroup_path.clone()),
+    };
+    let backend = BuiltinBackend {
+        vmm: binary("microvm-vmm"),
+        jail: Some(Jail {
+            uid: Some(JAIL_ID),
+            gid: Some(JAIL_ID),
+        }),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut vm = runtime
+        .block_on(PodVm::launch(
+            backend.plan(&spec),
+            &layout,
+            Duration::from_secs(20),
+            Some(&cgroup.0),
+        ))
+        .unwrap_or_else(|err| {
+            panic!(
+                "launch: {err}\nconsole:\n{}",
+                std::fs::read_to_string(&layout.log_file).unwrap_or_default()
+            )
+        });
+    let pids = vm.pids();
+    let pid_of = |name: &str| {
+        pids.iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, pid)| *pid)
+            .unwrap_or_else(|| panic!("no {name} in {pids:?}"))
+    };
+    let (supervisor, virtiofsd_pid) = (pid_of("vmm"), pid_of("virtiofsd"));
+    let vmm = jailed_child(supervisor);
+
+    // The guest runs: the probe got through its vsock and idles.
+    assert!(
+        wait_for_text(&layout.log_file, "probe: idle", Duration::from_secs(30)),
+        "console:\n{}",
+        std::fs::read_to_string(&layout.log_file).unwrap_or_default()
+    );
+
+    // The jail the shim asked for: root is <pod dir>/root, own mount and
+    // PID namespaces, the configured uid/gid, seccomp, empty environment.
+    let jail_root = layout.dir.join("root");
+    let root = std::fs::metadata(format!("/proc/{vmm}/root/.")).unwrap();
+    let expected_root = std::fs::metadata(&jail_root).unwrap();
+    assert_eq!(
+        (root.dev(), root.ino()),
+        (expected_root.dev(), expected_root.ino()),
+        "the VMM's root is not {}",
+        jail_root.display()
+    );
+    for kind in ["mnt", "pid"] {
+        assert_ne!(
+            std::fs::read_link(format!("/proc/{vmm}/ns/{kind}")).unwrap(),
+            std::fs::read_link(format!("/proc/self/ns/{kind}")).unwrap(),
+            "{kind} namespace"
+        );
+    }
+    let ids = format!("{JAIL_ID}\t{JAIL_ID}\t{JAIL_ID}\t{JAIL_ID}");
+    assert_eq!(status_field(vmm, "Uid:"), ids);
+    assert_eq!(status_field(vmm, "Gid:"), ids);
+    assert_eq!(status_field(vmm, "Seccomp:"), "2");
+    assert!(std::fs::read(format!("/proc/{vmm}/environ"))
+        .unwrap()
+        .is_empty());
+
+    // Host cgroup: virtiofsd in the pod's cgroup, the VMM in its jail
+    // cgroup below it.
+    let pod_cgroup = pids_cgroup(cgroup_path.trim_start_matches('/'));
+    let members = |cgroup: &Path| std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap();
+    assert!(
+        members(&pod_cgroup)
+            .lines()
+            .any(|pid| pid == virtiofsd_pid.to_string()),
+        "virtiofsd is not in {}",
+        pod_cgroup.display()
+    );
+    assert!(
+        members(&pod_cgroup.join("root"))
+            .lines()
+            .any(|pid| pid == vmm.to_string()),
+        "the VMM is not in {}/root",
+        pod_cgroup.display()
+    );
+
+    // The shim's side of hybrid vsock: its socket in the pod dir reaches the
+    // VMM's muxer, which answers a CONNECT to a port nobody serves by
+    // closing the connection, never with an OK.
+    let mut stream = UnixStream::connect(layout.agent_socket()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(b"CONNECT 1024\n").unwrap();
+    let mut reply = String::new();
+    let _ = BufReader::new(&stream).read_line(&mut reply);
+    assert!(!reply.starts_with("OK"), "{reply:?}");
+    drop(stream);
+
+    // The stop the shim falls back to when the agent cannot power the VM
+    // off: nothing of the pod may survive it.
+    runtime.block_on(vm.shutdown());
+    for (name, pid) in [
+        ("jail supervisor", supervisor),
+        ("jailed VMM", vmm),
+        ("virtiofsd", virtiofsd_pid),
+    ] {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!alive(pid), "{name} (pid {pid}) survived the shutdown");
+    }
+    assert!(!jail_root.exists(), "{} left behind", jail_root.display());
+    assert!(
+        !pod_cgroup.join("root").exists(),
+        "the VMM's cgroup {}/root left behind",
+        pod_cgroup.display()
+    );
+    cgroup.0.remove();
+    assert!(
+        !pod_cgroup.exists(),
+        "{} left behind",
+        pod_cgroup.display()
+    );
+    assert!(!layout.agent_socket().exists());
+}
