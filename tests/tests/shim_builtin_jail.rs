@@ -38,10 +38,9 @@ fn status_field(pid: u32, key: &str) -> String {
 fn jailed_child(supervisor: u32) -> u32 {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let children = std::fs::read_to_string(format!(
-            "/proc/{supervisor}/task/{supervisor}/children"
-        ))
-        .unwrap_or_default();
+        let children =
+            std::fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children"))
+                .unwrap_or_default();
         if let Some(child) = children.split_whitespace().next() {
             return child.parse().expect("a pid");
         }
@@ -81,8 +80,9 @@ fn shim_starts_the_jailed_vmm_under_the_pod_cgroup_and_stops_it_without_leftover
         Path::new("/dev/kvm").exists(),
         "/dev/kvm is missing: this test runs the probe guest under KVM"
     );
-    let virtiofsd = find_tool("virtiofsd")
-        .expect("virtiofsd not found: scripts/install-deps.sh installs it (cargo install virtiofsd)");
+    let virtiofsd = find_tool("virtiofsd").expect(
+        "virtiofsd not found: scripts/install-deps.sh installs it (cargo install virtiofsd)",
+    );
     let dir = TempDir::new("shim-jail");
     let layout = PodLayout::new(&dir.join("state"), &dir.join("logs"), "ns", "pod1");
     std::fs::create_dir_all(layout.shared_dir()).unwrap();
@@ -223,10 +223,6 @@ fn shim_starts_the_jailed_vmm_under_the_pod_cgroup_and_stops_it_without_leftover
         pod_cgroup.display()
     );
     cgroup.0.remove();
-    assert!(
-        !pod_cgroup.exists(),
-        "{} left behind",
-        pod_cgroup.display()
-    );
+    assert!(!pod_cgroup.exists(), "{} left behind", pod_cgroup.display());
     assert!(!layout.agent_socket().exists());
 }

@@ -301,7 +301,11 @@ fn jailed_vmm_dies_with_a_killed_supervisor() {
         "{}",
         std::fs::read_to_string(&console).unwrap_or_default()
     );
-    assert_eq!(status_field(vmm, "Seccomp:"), "2", "the VMM is not running yet");
+    assert_eq!(
+        status_field(vmm, "Seccomp:"),
+        "2",
+        "the VMM is not running yet"
+    );
 
     supervisor.0.as_mut().unwrap().kill().unwrap();
     supervisor.0.as_mut().unwrap().wait().unwrap();
