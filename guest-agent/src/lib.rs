@@ -9,6 +9,7 @@
 
 pub mod async_fd;
 pub mod cgroup;
+pub mod cli;
 pub mod events;
 pub mod guest;
 pub mod init;

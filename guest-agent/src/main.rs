@@ -6,7 +6,7 @@
 //! and refuses otherwise, with exit code 2.
 
 use anyhow::Context;
-use clap::Parser;
+use microvm_agent::cli::{self, Args, Command};
 use microvm_agent::events::EventBus;
 use microvm_agent::init;
 use microvm_agent::network::Network;
@@ -15,39 +15,15 @@ use microvm_agent::sandbox::Sandbox;
 use microvm_agent::server::{self, AgentState, Listen};
 use microvm_agent::spawn::Reaper;
 use microvm_agent::storage::Storage;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 /// Exit code when started as anything other than PID 1 without --listen.
 const EXIT_NOT_PID1: u8 = 2;
+/// Exit code for a bad command line (as clap used).
+const EXIT_USAGE: u8 = 2;
 /// Exit code when serving failed.
 const EXIT_SERVE_FAILED: u8 = 1;
-
-#[derive(Debug, Parser)]
-#[command(version, about = "PID 1 of a pod VM: OCI runtime behind a gRPC API")]
-struct Args {
-    /// Where to serve: unix:<path> or vsock:<port>; repeatable. As PID 1
-    /// the default is vsock:1024.
-    #[arg(long)]
-    listen: Vec<Listen>,
-    /// The cgroup v2 directory containers' cgroups go under.
-    #[arg(long, default_value = "/sys/fs/cgroup")]
-    cgroup_root: PathBuf,
-    /// Where the agent keeps the sandbox's files (resolv.conf, hosts).
-    #[arg(long, default_value = "/run/microvm-agent")]
-    run_dir: PathBuf,
-    /// sysfs, where virtio-blk disks are looked up (tests use a fake tree).
-    #[arg(long, default_value = "/sys", hide = true)]
-    sysfs: PathBuf,
-    /// Where device nodes are.
-    #[arg(long, default_value = "/dev", hide = true)]
-    dev_dir: PathBuf,
-    /// Log filter (tracing EnvFilter syntax). As PID 1 the kernel command
-    /// line word `microvm_agent_log=<filter>` sets it.
-    #[arg(long, env = "MICROVM_AGENT_LOG")]
-    log: Option<String>,
-}
 
 fn main() -> ExitCode {
     // Hidden test client (peer.rs), checked first: it runs as a container's PID 1.
@@ -59,15 +35,30 @@ fn main() -> ExitCode {
         return code;
     }
     let pid1 = std::process::id() == 1;
-    let args = match Args::try_parse() {
-        Ok(args) => args,
+    let env_log = std::env::var("MICROVM_AGENT_LOG").ok();
+    let args = match cli::parse(&argv, env_log.clone()) {
+        Ok(Command::Run(args)) => args,
         // As PID 1, stray kernel command line words arrive as arguments:
-        // never die over them.
-        Err(err) if pid1 => {
-            eprintln!("microvm-agent: ignoring arguments: {err}");
-            Args::parse_from(["microvm-agent"])
+        // never die over them (nor exit after printing help).
+        Err(_) | Ok(Command::Help | Command::Version) if pid1 => {
+            eprintln!("microvm-agent: ignoring arguments: {argv:?}");
+            Args {
+                log: env_log,
+                ..Args::default()
+            }
         }
-        Err(err) => err.exit(),
+        Ok(Command::Help) => {
+            print!("{}", cli::USAGE);
+            return ExitCode::SUCCESS;
+        }
+        Ok(Command::Version) => {
+            println!("microvm-agent {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Err(err) => {
+            eprintln!("error: {err}\n\nFor more information, try '--help'.");
+            return ExitCode::from(EXIT_USAGE);
+        }
     };
     if !pid1 && args.listen.is_empty() {
         eprintln!(

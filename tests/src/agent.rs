@@ -17,6 +17,10 @@ use tonic::{Request, Status};
 /// window bounds what the agent may send before an acknowledgement).
 pub const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// Largest HTTP/2 frame the client accepts. The receiver's setting bounds
+/// the sender's frames: at h2's 16 KiB default a 256 KiB output chunk from
+/// the agent arrives as 16 DATA frames, each a separate wakeup here.
+pub const MAX_FRAME: u32 = 1024 * 1024;
 
 /// The first mounted cgroup v2 hierarchy (on a v1 host, the empty
 /// "unified" one), from /proc/self/mountinfo.
@@ -326,6 +330,7 @@ pub async fn unix_channel(socket: &Path) -> Result<Channel, tonic::transport::Er
     Endpoint::from_static("http://agent.invalid")
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
             async move {
