@@ -1,9 +1,9 @@
 //! The shim's `builtin` backend for real: the plan the shim makes for a pod,
 //! run by the shim's own supervisor, starts virtiofsd and then microvm-vmm
-//! in its jail, under the pod's host cgroup. A Linux guest cannot boot under
-//! KVM on a PVM host, so the probe guest stands in for the guest kernel
-//! (`probe.idle=1` on the shim's command line); everything on the host side
-//! is what a pod gets. Then the pod is stopped the way the shim stops a pod
+//! in its jail, under the pod's host cgroup, with the jail's limits. A Linux
+//! guest cannot boot under KVM on a PVM host, so the probe guest stands in
+//! for the guest kernel (`probe.idle=1` on the shim's command line);
+//! everything on the host side is what a pod gets. Then the pod is stopped the way the shim stops a pod
 //! whose agent does not answer, and nothing may be left.
 //!
 //! Needs /dev/kvm and virtiofsd (scripts/install-deps.sh installs it).
@@ -188,6 +188,10 @@ fn shim_starts_the_jailed_vmm_under_the_pod_cgroup_and_stops_it_without_leftover
         "the VMM is not in {}/root",
         pod_cgroup.display()
     );
+
+    // The jail's default limit on the VMM's threads (64 + vCPUs).
+    let pids_max = std::fs::read_to_string(pod_cgroup.join("root/pids.max")).unwrap();
+    assert_eq!(pids_max.trim(), "65", "pids.max of the VMM's cgroup");
 
     // The shim's side of hybrid vsock: its socket in the pod dir reaches the
     // VMM's muxer, which answers a CONNECT to a port nobody serves by
