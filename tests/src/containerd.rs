@@ -361,3 +361,66 @@ accel = "tcg"
     std::fs::write(&config, text).map_err(|err| format!("writing {}: {err}", config.display()))?;
     Ok(config)
 }
+
+/// The guest kernel's vmlinux and the release initramfs the shim tests boot;
+/// `MICROVM_TEST_INITRAMFS` tries another agent build without touching the
+/// cache. Panics with the cause: scripts/install-deps.sh provides it all.
+pub fn test_guest_image() -> (PathBuf, PathBuf) {
+    use microvm_guest_image::initramfs::{self, Variant};
+    let kernel = microvm_guest_image::kernel::kernel()
+        .unwrap_or_else(|err| panic!("guest kernel: {}", microvm_shim::pod::error_chain(&err)));
+    let initramfs = match std::env::var_os("MICROVM_TEST_INITRAMFS") {
+        Some(path) => PathBuf::from(path),
+        None => {
+            initramfs::initramfs(Variant::Release)
+                .unwrap_or_else(|err| panic!("initramfs: {}", microvm_shim::pod::error_chain(&err)))
+                .path
+        }
+    };
+    (kernel.vmlinux, initramfs)
+}
+
+/// A private containerd whose `io.containerd.microvm.v2` shim is this
+/// workspace's, a `qemu`-backend shim config in `work`, and the busybox test
+/// image imported as `image`.
+pub struct ShimSetup {
+    pub containerd: Containerd,
+    /// State and log dirs of the shim, and the config file.
+    pub work: TempDir,
+    pub config: PathBuf,
+    /// Holds the shim's link; the shim is found through it while it lives.
+    pub bin: TempDir,
+}
+
+impl ShimSetup {
+    /// `extra_qemu_keys` are appended to the config's `[qemu]` table.
+    pub fn start(tag: &str, image: &str, extra_qemu_keys: &str) -> Self {
+        const SHIM: &str = "containerd-shim-microvm-v2";
+        let (kernel, initramfs) = test_guest_image();
+        let bin = TempDir::new(&format!("{tag}-bin"));
+        std::os::unix::fs::symlink(crate::harness::binary(SHIM), bin.join(SHIM))
+            .expect("link the shim");
+        let work = TempDir::new(&format!("{tag}-work"));
+        let config = write_qemu_shim_config(work.path(), &kernel, &initramfs)
+            .expect("write the shim config");
+        if !extra_qemu_keys.is_empty() {
+            let mut text = std::fs::read_to_string(&config).expect("read the shim config");
+            // write_qemu_shim_config writes [qemu] last.
+            let last_table = text.lines().rfind(|line| line.starts_with('['));
+            assert_eq!(last_table, Some("[qemu]"), "{text}");
+            text.push_str(extra_qemu_keys);
+            std::fs::write(&config, text).expect("write the shim config");
+        }
+        let containerd = Containerd::start(tag, bin.path(), &[])
+            .unwrap_or_else(|err| panic!("containerd: {err}"));
+        let archive =
+            crate::oci_image::write_busybox_image(work.path(), image).expect("busybox image");
+        containerd.import(&archive).expect("import the image");
+        Self {
+            containerd,
+            work,
+            config,
+            bin,
+        }
+    }
+}

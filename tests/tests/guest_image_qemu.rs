@@ -11,22 +11,12 @@ use microvm_guest_image::initramfs::{self, InitramfsArtifact, Variant};
 use microvm_guest_image::kernel::{self, KernelArtifacts};
 use microvm_guest_image::qemu::{self, BootOutcome, QemuBoot, SerialInput};
 use microvm_guest_image::{qemu_cmdline, READY_LINE_PREFIX};
+use microvm_shim::pod::error_chain;
 use std::time::Duration;
 
 /// Generous: the machine is shared with other builds, and TCG emulates
 /// every instruction. A healthy boot takes a few seconds.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
 
 fn guest_kernel() -> KernelArtifacts {
     kernel::kernel()

@@ -6,13 +6,8 @@
 //! and busybox-static (scripts/install-deps.sh installs them all); a missing
 //! piece fails the tests and says which.
 
-use microvm_guest_image::initramfs::{self, Variant};
-use microvm_guest_image::kernel;
-use microvm_tests::containerd::{
-    mounts_under, pids_matching, which, write_qemu_shim_config, Containerd,
-};
-use microvm_tests::harness::{binary, Finished, TempDir};
-use microvm_tests::oci_image::write_busybox_image;
+use microvm_tests::containerd::{mounts_under, pids_matching, which, Containerd, ShimSetup};
+use microvm_tests::harness::{Finished, TempDir};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -22,17 +17,6 @@ const SHIM: &str = "containerd-shim-microvm-v2";
 /// One container run under TCG: VM boot plus the command. Generous: the
 /// machine is shared with other builds.
 const RUN_TIMEOUT: Duration = Duration::from_secs(240);
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
 
 /// Why these tests cannot run here, if they cannot.
 fn missing_prerequisite() -> Option<String> {
@@ -76,27 +60,12 @@ impl Fixture {
         if let Some(reason) = missing_prerequisite() {
             panic!("shim end-to-end tests cannot run: {reason} (run scripts/install-deps.sh)");
         }
-        let kernel =
-            kernel::kernel().unwrap_or_else(|err| panic!("guest kernel: {}", error_chain(&err)));
-        // MICROVM_TEST_INITRAMFS: try another agent build without
-        // touching the cache.
-        let initramfs = match std::env::var_os("MICROVM_TEST_INITRAMFS") {
-            Some(path) => PathBuf::from(path),
-            None => {
-                initramfs::initramfs(Variant::Release)
-                    .unwrap_or_else(|err| panic!("initramfs: {}", error_chain(&err)))
-                    .path
-            }
-        };
-        let bin = TempDir::new(&format!("{tag}-bin"));
-        std::os::unix::fs::symlink(binary(SHIM), bin.join(SHIM)).expect("link the shim");
-        let work = TempDir::new(&format!("{tag}-work"));
-        let config = write_qemu_shim_config(work.path(), &kernel.vmlinux, &initramfs)
-            .expect("write the shim config");
-        let containerd = Containerd::start(tag, bin.path(), &[])
-            .unwrap_or_else(|err| panic!("containerd: {err}"));
-        let archive = write_busybox_image(work.path(), IMAGE).expect("busybox image");
-        containerd.import(&archive).expect("import the image");
+        let ShimSetup {
+            containerd,
+            work,
+            config,
+            bin,
+        } = ShimSetup::start(tag, IMAGE, "");
         Self {
             _turn: turn,
             containerd,

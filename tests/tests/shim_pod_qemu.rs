@@ -8,12 +8,10 @@
 //! Needs qemu-system-x86_64, virtiofsd and vhost-device-vsock (installed by
 //! scripts/install-deps.sh); without them the test fails and says which.
 
-use microvm_guest_image::initramfs::{self, Variant};
-use microvm_guest_image::kernel;
 use microvm_proto::agent::v1 as api;
 use microvm_shim::config::{BackendKind, Config};
 use microvm_shim::pod::{error_chain, Pod, PodSettings};
-use microvm_tests::containerd::{mounts_under, pids_matching, which};
+use microvm_tests::containerd::{mounts_under, pids_matching, test_guest_image, which};
 use microvm_tests::harness::TempDir;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -56,21 +54,13 @@ async fn qemu_pods_boot_answer_and_leave_nothing_behind() {
     if let Some(reason) = missing_prerequisite() {
         panic!("shim pod test cannot run: {reason} (run scripts/install-deps.sh)");
     }
-    let kernel = kernel::kernel().unwrap_or_else(|err| panic!("kernel: {err}"));
-    let initramfs = match std::env::var_os("MICROVM_TEST_INITRAMFS") {
-        Some(path) => PathBuf::from(path),
-        None => {
-            initramfs::initramfs(Variant::Release)
-                .unwrap_or_else(|err| panic!("initramfs: {err}"))
-                .path
-        }
-    };
+    let (vmlinux, initramfs) = test_guest_image();
     let work = TempDir::new("shim-pod");
     let mut config = Config {
         backend: BackendKind::Qemu,
         ..Config::default()
     };
-    config.vm.kernel = kernel.vmlinux.clone();
+    config.vm.kernel = vmlinux;
     config.vm.initramfs = initramfs;
     config.paths.state_dir = work.join("state");
     config.paths.log_dir = work.join("logs");

@@ -10,11 +10,9 @@
 //! Needs what shim_e2e needs (scripts/install-deps.sh); a missing piece
 //! fails the test and says which.
 
-use microvm_guest_image::initramfs::{self, Variant};
-use microvm_guest_image::kernel;
-use microvm_tests::containerd::{pids_matching, which, write_qemu_shim_config, Containerd};
-use microvm_tests::harness::{binary, TempDir};
-use microvm_tests::oci_image::{write_busybox_image, BUSYBOX};
+use microvm_tests::containerd::{pids_matching, which, Containerd, ShimSetup};
+use microvm_tests::harness::TempDir;
+use microvm_tests::oci_image::BUSYBOX;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -51,30 +49,12 @@ impl Pod {
             );
         }
         assert!(Path::new(BUSYBOX).is_file(), "busybox-static is missing");
-        let kernel = kernel::kernel().unwrap_or_else(|err| panic!("guest kernel: {err}"));
-        let initramfs = match std::env::var_os("MICROVM_TEST_INITRAMFS") {
-            Some(path) => PathBuf::from(path),
-            None => {
-                initramfs::initramfs(Variant::Release)
-                    .unwrap_or_else(|err| panic!("initramfs: {err}"))
-                    .path
-            }
-        };
-        let bin = TempDir::new(&format!("{tag}-bin"));
-        std::os::unix::fs::symlink(binary(SHIM), bin.join(SHIM)).expect("link the shim");
-        let work = TempDir::new(&format!("{tag}-work"));
-        let config = write_qemu_shim_config(work.path(), &kernel.vmlinux, &initramfs)
-            .expect("write the shim config");
-        let mut text = std::fs::read_to_string(&config).expect("read the shim config");
-        // The helper writes [qemu] last: keys appended here land in it.
-        let last_table = text.lines().rfind(|line| line.starts_with('['));
-        assert_eq!(last_table, Some("[qemu]"), "{text}");
-        text.push_str(extra_qemu_keys);
-        std::fs::write(&config, text).expect("write the shim config");
-        let containerd = Containerd::start(tag, bin.path(), &[])
-            .unwrap_or_else(|err| panic!("containerd: {err}"));
-        let archive = write_busybox_image(work.path(), IMAGE).expect("busybox image");
-        containerd.import(&archive).expect("import the image");
+        let ShimSetup {
+            containerd,
+            work,
+            config,
+            bin,
+        } = ShimSetup::start(tag, IMAGE, extra_qemu_keys);
         let pod = Self {
             containerd,
             work,
