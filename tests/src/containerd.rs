@@ -394,8 +394,13 @@ pub struct ShimSetup {
 
 impl ShimSetup {
     /// `extra_qemu_keys` are appended to the config's `[qemu]` table.
+    /// Panics when the host lacks a piece: scripts/install-deps.sh installs
+    /// them all, so a missing one is a setup failure, not a skip.
     pub fn start(tag: &str, image: &str, extra_qemu_keys: &str) -> Self {
         const SHIM: &str = "containerd-shim-microvm-v2";
+        if let Some(reason) = missing_shim_prerequisite() {
+            panic!("shim tests cannot run: {reason} (run scripts/install-deps.sh)");
+        }
         let (kernel, initramfs) = test_guest_image();
         let bin = TempDir::new(&format!("{tag}-bin"));
         std::os::unix::fs::symlink(crate::harness::binary(SHIM), bin.join(SHIM))
@@ -423,4 +428,34 @@ impl ShimSetup {
             bin,
         }
     }
+}
+
+/// What the shim's end-to-end tests need and the host lacks, if anything.
+pub fn missing_shim_prerequisite() -> Option<String> {
+    for tool in [
+        CONTAINERD,
+        CTR,
+        "qemu-system-x86_64",
+        "virtiofsd",
+        "vhost-device-vsock",
+    ] {
+        if which(tool).is_none() {
+            return Some(format!("{tool} is not in PATH"));
+        }
+    }
+    if !Path::new(crate::oci_image::BUSYBOX).is_file() {
+        return Some("busybox-static is not installed".into());
+    }
+    None
+}
+
+/// Whether `pid` is a zombie or gone (its /proc/<pid>/stat state).
+pub fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            stat.rfind(')')
+                .and_then(|at| stat[at + 1..].split_whitespace().next())
+                .is_none_or(|state| state == "Z")
+        })
+        .unwrap_or(true)
 }

@@ -6,7 +6,7 @@
 //! and busybox-static (scripts/install-deps.sh installs them all); a missing
 //! piece fails the tests and says which.
 
-use microvm_tests::containerd::{mounts_under, pids_matching, which, Containerd, ShimSetup};
+use microvm_tests::containerd::{is_zombie, mounts_under, pids_matching, Containerd, ShimSetup};
 use microvm_tests::harness::{Finished, TempDir};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -17,25 +17,6 @@ const SHIM: &str = "containerd-shim-microvm-v2";
 /// One container run under TCG: VM boot plus the command. Generous: the
 /// machine is shared with other builds.
 const RUN_TIMEOUT: Duration = Duration::from_secs(240);
-
-/// Why these tests cannot run here, if they cannot.
-fn missing_prerequisite() -> Option<String> {
-    for tool in [
-        "containerd",
-        "ctr",
-        "qemu-system-x86_64",
-        "virtiofsd",
-        "vhost-device-vsock",
-    ] {
-        if which(tool).is_none() {
-            return Some(format!("{tool} is not in PATH"));
-        }
-    }
-    if !Path::new(microvm_tests::oci_image::BUSYBOX).is_file() {
-        return Some("busybox-static is not installed".into());
-    }
-    None
-}
 
 /// One pod VM at a time: each runs QEMU under TCG, and two of them on a
 /// 2-core machine starve each other's guest past the agent timeout.
@@ -57,9 +38,6 @@ impl Fixture {
         // A test that failed while holding the lock poisons it; the next one
         // can still run.
         let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(reason) = missing_prerequisite() {
-            panic!("shim end-to-end tests cannot run: {reason} (run scripts/install-deps.sh)");
-        }
         let ShimSetup {
             containerd,
             work,
@@ -188,16 +166,6 @@ impl Fixture {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
-}
-
-fn is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| {
-            stat.rfind(')')
-                .and_then(|at| stat[at + 1..].split_whitespace().next().map(|s| s == "Z"))
-                .unwrap_or(true)
-        })
-        .unwrap_or(true)
 }
 
 /// Files (not directories) left under `dir`.

@@ -10,9 +10,8 @@
 //! Needs what shim_e2e needs (scripts/install-deps.sh); a missing piece
 //! fails the test and says which.
 
-use microvm_tests::containerd::{pids_matching, which, Containerd, ShimSetup};
+use microvm_tests::containerd::{is_zombie, pids_matching, Containerd, ShimSetup};
 use microvm_tests::harness::TempDir;
-use microvm_tests::oci_image::BUSYBOX;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -36,19 +35,6 @@ impl Pod {
     /// A private containerd running `sleep 600` in container `box` (its own
     /// pod VM) with the qemu backend; `extra_qemu_keys` go into `[qemu]`.
     fn start(tag: &str, extra_qemu_keys: &str) -> Self {
-        for tool in [
-            "containerd",
-            "ctr",
-            "qemu-system-x86_64",
-            "virtiofsd",
-            "vhost-device-vsock",
-        ] {
-            assert!(
-                which(tool).is_some(),
-                "{tool} is not in PATH (run scripts/install-deps.sh)"
-            );
-        }
-        assert!(Path::new(BUSYBOX).is_file(), "busybox-static is missing");
         let ShimSetup {
             containerd,
             work,
@@ -134,16 +120,6 @@ impl Pod {
         text.push_str(&tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
         text
     }
-}
-
-fn is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| {
-            stat.rfind(')')
-                .and_then(|at| stat[at + 1..].split_whitespace().next())
-                .is_none_or(|state| state == "Z")
-        })
-        .unwrap_or(true)
 }
 
 /// The values of `key:` in /proc/<pid>/status, split on whitespace.
