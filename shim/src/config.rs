@@ -253,10 +253,12 @@ pub struct BuiltinConfig {
     /// inherited fds, empty environment). Turning it off is this explicit
     /// flag.
     pub jail: bool,
-    /// With the jail: the uid/gid the VMM drops to (unset: it stays root
-    /// inside the jail).
-    pub jail_uid: Option<u32>,
-    pub jail_gid: Option<u32>,
+    /// With the jail: the uid/gid the VMM drops to. 0 keeps it root inside
+    /// the jail (for hosts where the drop cannot work). Every pod's VMM may
+    /// share them: each is alone in its PID namespace, so it cannot signal
+    /// another.
+    pub jail_uid: u32,
+    pub jail_gid: u32,
 }
 
 impl Default for BuiltinConfig {
@@ -264,9 +266,21 @@ impl Default for BuiltinConfig {
         Self {
             vmm: PathBuf::from("microvm-vmm"),
             jail: true,
-            jail_uid: None,
-            jail_gid: None,
+            jail_uid: NOBODY,
+            jail_gid: NOBODY,
         }
+    }
+}
+
+impl BuiltinConfig {
+    /// The uid and gid the jailed VMM drops to; `None` keeps that one root
+    /// (0, or no jail).
+    pub fn jail_ids(&self) -> (Option<u32>, Option<u32>) {
+        if !self.jail {
+            return (None, None);
+        }
+        let id = |id: u32| (id != 0).then_some(id);
+        (id(self.jail_uid), id(self.jail_gid))
     }
 }
 
@@ -490,6 +504,18 @@ mod tests {
         assert!(err.contains("`paths.state_dir`"), "{err}");
         let err = error_of("[vm\n");
         assert!(err.contains("config.toml"), "{err}");
+    }
+
+    #[test]
+    fn builtin_vmm_drops_to_nobody_unless_0_or_no_jail() {
+        let config = Config::default();
+        assert_eq!(config.builtin.jail_ids(), (Some(65534), Some(65534)));
+        let config = parse("[builtin]\njail_uid = 0\njail_gid = 1001\n").unwrap();
+        assert_eq!(config.builtin.jail_ids(), (None, Some(1001)));
+        let config = parse("[builtin]\njail = false\n").unwrap();
+        assert_eq!(config.builtin.jail_ids(), (None, None));
+        let err = error_of("[builtin]\njail_uid = -1\n");
+        assert!(err.contains("`builtin.jail_uid`"), "{err}");
     }
 
     #[test]

@@ -5,8 +5,8 @@
 //! the agent did not answer in time.
 
 use crate::agent::{AgentClient, AgentError};
-use crate::config::Config;
-use crate::network::{NetworkError, PodNetwork};
+use crate::config::{BackendKind, Config};
+use crate::network::{NetworkError, PodNetwork, TapOwner};
 use crate::rootfs::{self, RootfsError};
 use crate::vm::cgroup::{CgroupError, HostCgroup};
 use crate::vm::layout::{PodLayout, GUEST_SHARED_DIR, SHARED_FS_TAG};
@@ -184,14 +184,16 @@ impl Pod {
             None => None,
         };
         let network = match &settings.netns {
-            Some(netns) => match attach_network(netns, &config.network.tap_name).await {
-                Ok(network) => Some(network),
-                Err(err) => {
-                    rootfs::remove_mounted_tree(&layout.dir);
-                    remove_cgroup(cgroup.as_ref()).await;
-                    return Err(err);
+            Some(netns) => {
+                match attach_network(netns, &config.network.tap_name, tap_owner(config)).await {
+                    Ok(network) => Some(network),
+                    Err(err) => {
+                        rootfs::remove_mounted_tree(&layout.dir);
+                        remove_cgroup(cgroup.as_ref()).await;
+                        return Err(err);
+                    }
                 }
-            },
+            }
             None => None,
         };
         let spec = PodVmSpec {
@@ -360,12 +362,25 @@ impl Pod {
     }
 }
 
+/// The jailed builtin VMM opens the tap after dropping to its uid/gid: the
+/// tap is theirs, so no other unprivileged process can attach to it. QEMU
+/// opens it before its drop, as root.
+fn tap_owner(config: &Config) -> TapOwner {
+    match config.backend {
+        BackendKind::Builtin => {
+            let (uid, gid) = config.builtin.jail_ids();
+            TapOwner { uid, gid }
+        }
+        BackendKind::Qemu => TapOwner::default(),
+    }
+}
+
 /// Creates the tap in the pod's netns and redirects the veth to it. The
 /// netlink work blocks (it runs on a thread of its own in the netns).
-async fn attach_network(netns: &Path, tap: &str) -> Result<PodNetwork, BootError> {
+async fn attach_network(netns: &Path, tap: &str, owner: TapOwner) -> Result<PodNetwork, BootError> {
     let path = netns.to_path_buf();
     let tap = tap.to_owned();
-    tokio::task::spawn_blocking(move || PodNetwork::attach(&path, &tap))
+    tokio::task::spawn_blocking(move || PodNetwork::attach_owned_by(&path, &tap, owner))
         .await
         .map_err(|_| {
             BootError::Network(NetworkError::ThreadPanicked {

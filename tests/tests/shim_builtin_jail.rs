@@ -1,6 +1,7 @@
 //! The shim's `builtin` backend for real: the plan the shim makes for a pod,
 //! run by the shim's own supervisor, starts virtiofsd and then microvm-vmm
-//! in its jail, under the pod's host cgroup, with the jail's limits. A Linux
+//! in its jail, under the pod's host cgroup, with the jail's limits, in the
+//! pod's netns on a tap the shim made for the jail's ids. A Linux
 //! guest cannot boot under KVM on a PVM host, so the probe guest stands in
 //! for the guest kernel (`probe.idle=1` on the shim's command line);
 //! everything on the host side is what a pod gets. Then the pod is stopped the way the shim stops a pod
@@ -8,10 +9,11 @@
 //!
 //! Needs /dev/kvm and virtiofsd (scripts/install-deps.sh installs it).
 
+use microvm_shim::network::{PodNetwork, TapOwner};
 use microvm_shim::vm::cgroup::HostCgroup;
 use microvm_shim::vm::layout::PodLayout;
 use microvm_shim::vm::supervisor::PodVm;
-use microvm_shim::vm::{Backend, BuiltinBackend, Jail, PodVmSpec};
+use microvm_shim::vm::{Backend, BuiltinBackend, Jail, PodVmSpec, VmNic};
 use microvm_tests::agent_qemu::find_tool;
 use microvm_tests::harness::{binary, wait_for_text, TempDir};
 use microvm_tests::probe::probe_guest_elf;
@@ -19,6 +21,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// `nobody` on Debian.
@@ -88,6 +91,25 @@ fn shim_starts_the_jailed_vmm_under_the_pod_cgroup_and_stops_it_without_leftover
     std::fs::create_dir_all(layout.shared_dir()).unwrap();
     let initramfs = dir.join("empty.cpio");
     std::fs::write(&initramfs, b"").unwrap();
+    // A CNI-like pod netns: one veth with an address. The shim makes the
+    // tap there, owned by the jail's ids (so no other unprivileged process
+    // may attach to it), and the VMM starts in it.
+    let netns = PodNetns::new();
+    let network = PodNetwork::attach_owned_by(
+        &netns.path(),
+        "tap0",
+        TapOwner {
+            uid: Some(JAIL_ID),
+            gid: Some(JAIL_ID),
+        },
+    )
+    .unwrap();
+    let tap_details = netns.ip(&["-d", "link", "show", "tap0"]);
+    assert!(
+        tap_details.contains("user nobody group nogroup")
+            || tap_details.contains(&format!("user {JAIL_ID} group {JAIL_ID}")),
+        "{tap_details}"
+    );
     let cgroup_path = format!("/mvt-pods-{}/pod1", std::process::id());
     let cgroup = RemovedOnDrop(HostCgroup::create(&cgroup_path).unwrap());
 
@@ -100,7 +122,11 @@ fn shim_starts_the_jailed_vmm_under_the_pod_cgroup_and_stops_it_without_leftover
         memory_mib: 64,
         debug_console: false,
         virtiofsd: virtiofsd.clone(),
-        nic: None,
+        nic: Some(VmNic {
+            netns: network.netns.clone(),
+            tap: network.tap.clone(),
+            mac: network.interface.mac.clone(),
+        }),
         host_cgroup: Some(cgroup_path.clone()),
     };
     let backend = BuiltinBackend {
@@ -136,6 +162,20 @@ fn shim_starts_the_jailed_vmm_under_the_pod_cgroup_and_stops_it_without_leftover
     };
     let (supervisor, virtiofsd_pid) = (pid_of("vmm"), pid_of("virtiofsd"));
     let vmm = jailed_child(supervisor);
+    // The unprivileged VMM holds the tap.
+    assert!(
+        std::fs::read_dir(format!("/proc/{vmm}/fd"))
+            .unwrap()
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path())
+                .is_ok_and(|target| target == Path::new("/dev/net/tun"))),
+        "the jailed VMM has no tap open"
+    );
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{vmm}/ns/net")).unwrap(),
+        netns_inode(&netns.path()),
+        "the VMM is not in the pod netns"
+    );
 
     // The guest runs: the probe got through its vsock and idles.
     assert!(
@@ -229,4 +269,58 @@ fn shim_starts_the_jailed_vmm_under_the_pod_cgroup_and_stops_it_without_leftover
     cgroup.0.remove();
     assert!(!pod_cgroup.exists(), "{} left behind", pod_cgroup.display());
     assert!(!layout.agent_socket().exists());
+    network.detach().unwrap();
+}
+
+/// `net:[inode]` of a netns bind mount, as /proc/<pid>/ns/net reads.
+fn netns_inode(path: &Path) -> PathBuf {
+    PathBuf::from(format!("net:[{}]", std::fs::metadata(path).unwrap().ino()))
+}
+
+/// A named netns with one addressed veth (its peer beside it, unaddressed),
+/// deleted on drop.
+struct PodNetns(String);
+
+impl PodNetns {
+    fn new() -> Self {
+        let netns = Self(format!("mvt-bj-{}", std::process::id()));
+        // A leftover of a killed run.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &netns.0])
+            .stderr(std::process::Stdio::null())
+            .status();
+        run("ip", &["netns", "add", &netns.0]);
+        netns.ip(&[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "peer0",
+        ]);
+        netns.ip(&["addr", "add", "10.99.7.2/24", "dev", "eth0"]);
+        netns.ip(&["link", "set", "eth0", "up"]);
+        netns
+    }
+
+    fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.0)
+    }
+
+    fn ip(&self, args: &[&str]) -> String {
+        let mut all = vec!["-n", self.0.as_str()];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+}
+
+impl Drop for PodNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn run(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program).args(args).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }

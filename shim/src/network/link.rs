@@ -5,7 +5,7 @@
 //! under a current-thread runtime, so the netlink socket and /dev/net/tun
 //! are opened in that netns.
 
-use super::{tap, GuestInterface, GuestRoute, NetworkError, PodNetwork};
+use super::{tap, GuestInterface, GuestRoute, NetworkError, PodNetwork, TapOwner};
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{
@@ -28,8 +28,11 @@ use std::path::Path;
 /// `parent ffff:` in tc's words: the ingress qdisc.
 const INGRESS_PARENT: u32 = 0xffff_0000;
 
-pub(super) fn attach(netns: &Path, tap: &str) -> Result<PodNetwork, NetworkError> {
-    with_netlink(netns, |netlink| async move { netlink.attach(tap).await })
+pub(super) fn attach(netns: &Path, tap: &str, owner: TapOwner) -> Result<PodNetwork, NetworkError> {
+    with_netlink(
+        netns,
+        |netlink| async move { netlink.attach(tap, owner).await },
+    )
 }
 
 pub(super) fn detach(netns: &Path, tap: &str, veth: &str) -> Result<(), NetworkError> {
@@ -134,7 +137,7 @@ impl Netlink<'_> {
         Ok(routes)
     }
 
-    async fn attach(&self, tap: &str) -> Result<PodNetwork, NetworkError> {
+    async fn attach(&self, tap: &str, owner: TapOwner) -> Result<PodNetwork, NetworkError> {
         let links = self.links().await?;
         let addresses = self.addresses().await?;
         let mut guest_addresses: BTreeMap<u32, Vec<String>> = BTreeMap::new();
@@ -187,7 +190,7 @@ impl Netlink<'_> {
         // through it can be added.
         routes.sort_by_key(|route| !route.gateway.is_empty());
 
-        let tap_index = self.ensure_tap(tap, &links).await?;
+        let tap_index = self.ensure_tap(tap, owner, &links).await?;
         for (index, name) in [(tap_index, tap), (pod.index, pod.name.as_str())] {
             let message = if index == tap_index {
                 LinkUnspec::new_with_index(index).mtu(mtu).up().build()
@@ -227,7 +230,12 @@ impl Netlink<'_> {
     }
 
     /// Creates the persistent tap unless it exists; returns its index.
-    async fn ensure_tap(&self, tap: &str, links: &[LinkMessage]) -> Result<u32, NetworkError> {
+    async fn ensure_tap(
+        &self,
+        tap: &str,
+        owner: TapOwner,
+        links: &[LinkMessage],
+    ) -> Result<u32, NetworkError> {
         if let Some(existing) = links.iter().find(|link| link_name(link) == tap) {
             return if is_tap(existing) {
                 Ok(existing.header.index)
@@ -238,7 +246,7 @@ impl Netlink<'_> {
                 })
             };
         }
-        tap::create_persistent_tap(tap).map_err(|(step, source)| NetworkError::Tap {
+        tap::create_persistent_tap(tap, owner).map_err(|(step, source)| NetworkError::Tap {
             netns: self.netns.to_owned(),
             tap: tap.to_owned(),
             step,

@@ -85,6 +85,14 @@ pub enum NetworkError {
     },
 }
 
+/// Who may open the pod's tap besides root; unset, anyone who can open
+/// /dev/net/tun in the pod's netns.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TapOwner {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
 /// The pod's network as attached to a tap: what the guest's interface must
 /// look like.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,9 +139,16 @@ impl PodNetwork {
     /// (`proto kernel`: the subnet route of each address, IPv6 `fe80::/64`),
     /// which the guest kernel makes again when the agent adds the address.
     pub fn attach(netns: &Path, tap: &str) -> Result<Self, NetworkError> {
+        Self::attach_owned_by(netns, tap, TapOwner::default())
+    }
+
+    /// [`PodNetwork::attach`], with a tap that only `owner` (a VMM jailed
+    /// as that uid/gid) or root may open. An existing tap is taken as it
+    /// is.
+    pub fn attach_owned_by(netns: &Path, tap: &str, owner: TapOwner) -> Result<Self, NetworkError> {
         validate_tap_name(tap)?;
         let tap_name = tap.to_owned();
-        netns::run_in_netns(netns, move |netns| link::attach(netns, &tap_name))
+        netns::run_in_netns(netns, move |netns| link::attach(netns, &tap_name, owner))
     }
 
     /// Deletes the tap and the veth's ingress qdisc (and so its filter).

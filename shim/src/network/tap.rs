@@ -10,6 +10,8 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 
+use super::TapOwner;
+
 const TUN_PATH: &str = "/dev/net/tun";
 
 /// The step that failed, for the error message.
@@ -18,7 +20,7 @@ pub(super) type Step = &'static str;
 /// Creates (or, if it exists and nobody holds it, reattaches to) the tap
 /// `name` and makes it outlive this fd. /dev/net/tun is opened here, so the
 /// tap lands in the calling thread's netns.
-pub(super) fn create_persistent_tap(name: &str) -> Result<(), (Step, io::Error)> {
+pub(super) fn create_persistent_tap(name: &str, owner: TapOwner) -> Result<(), (Step, io::Error)> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -35,7 +37,27 @@ pub(super) fn create_persistent_tap(name: &str) -> Result<(), (Step, io::Error)>
     if ret < 0 {
         return Err(("TUNSETIFF", io::Error::last_os_error()));
     }
+    // A tap without an owner can be attached by anyone who can open
+    // /dev/net/tun in its netns; with one, only by that uid/gid (or with
+    // CAP_NET_ADMIN): the jailed VMM's ids, and nobody else's.
+    if let Some(uid) = owner.uid {
+        set_owner(&file, libc::TUNSETOWNER, uid).map_err(|err| ("TUNSETOWNER", err))?;
+    }
+    if let Some(gid) = owner.gid {
+        set_owner(&file, libc::TUNSETGROUP, gid).map_err(|err| ("TUNSETGROUP", err))?;
+    }
     set_persist(&file, true).map_err(|err| ("TUNSETPERSIST", err))
+}
+
+fn set_owner(file: &File, request: libc::Ioctl, id: u32) -> io::Result<()> {
+    // SAFETY: TUNSETOWNER/TUNSETGROUP take the id by value (no pointer) on a
+    // tun fd attached by TUNSETIFF.
+    let ret = unsafe { libc::ioctl(file.as_raw_fd(), request, libc::c_ulong::from(id)) };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 fn set_persist(file: &File, persist: bool) -> io::Result<()> {

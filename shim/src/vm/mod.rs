@@ -85,8 +85,8 @@ pub fn backend_for(config: &Config) -> Box<dyn Backend> {
         BackendKind::Builtin => Box::new(BuiltinBackend {
             vmm: config.builtin.vmm.clone(),
             jail: config.builtin.jail.then_some(Jail {
-                uid: config.builtin.jail_uid,
-                gid: config.builtin.jail_gid,
+                uid: config.builtin.jail_ids().0,
+                gid: config.builtin.jail_ids().1,
             }),
         }),
         BackendKind::Qemu => Box::new(QemuBackend {
@@ -617,10 +617,16 @@ mod tests {
         let args = joined(&plan[1]);
         assert!(
             args.starts_with(
-                "--jail /run/mv/ns/pod/root --cgroup-parent kubepods/pod1/sandbox --kernel"
+                "--jail /run/mv/ns/pod/root --cgroup-parent kubepods/pod1/sandbox --uid 65534 --gid 65534 --kernel"
             ),
             "{args}"
         );
+        let mut as_root = Config::default();
+        as_root.builtin.jail_uid = 0;
+        as_root.builtin.jail_gid = 0;
+        let as_root = backend_for(&as_root).plan(&spec());
+        assert!(joined(&as_root[1]).starts_with("--jail /run/mv/ns/pod/root --kernel"));
+        assert!(as_root[1].socket_owner.is_none());
         let jailed_as_user = BuiltinBackend {
             vmm: "m".into(),
             jail: Some(Jail {
@@ -634,7 +640,7 @@ mod tests {
         // Its sockets (its own and virtiofsd's) become that user's; a VMM
         // that stays root needs no such handover.
         assert_eq!(as_user[1].socket_owner, Some((Some(1000), Some(1000))));
-        assert!(as_user[0].socket_owner.is_none() && plan[1].socket_owner.is_none());
+        assert!(as_user[0].socket_owner.is_none());
         let mut unjailed = Config::default();
         unjailed.builtin.jail = false;
         assert!(joined(&backend_for(&unjailed).plan(&spec())[1]).starts_with("--kernel"));
