@@ -3,6 +3,7 @@
 //! removal. Plain file writes; hand-written because the cgroups crates
 //! either fix the root at /sys/fs/cgroup or bring a whole runtime.
 
+use crate::device_filter::{self, DeviceFilterError};
 use oci_spec::runtime::LinuxResources;
 use std::collections::HashMap;
 use std::io;
@@ -35,17 +36,21 @@ pub enum CgroupError {
     },
     #[error("cgroup {path} still has processes after {waited:?}")]
     Busy { path: PathBuf, waited: Duration },
+    #[error(transparent)]
+    Devices(#[from] DeviceFilterError),
 }
 
 impl CgroupError {
     pub fn grpc_code(&self) -> tonic::Code {
         match self {
-            Self::BadPath(_) | Self::BadValue { .. } => tonic::Code::InvalidArgument,
+            Self::BadPath(_)
+            | Self::BadValue { .. }
+            | Self::Devices(DeviceFilterError::BadRule { .. }) => tonic::Code::InvalidArgument,
             Self::Exists(_) => tonic::Code::AlreadyExists,
             Self::ControllerMissing { .. } | Self::NotCgroup2(_) | Self::Busy { .. } => {
                 tonic::Code::FailedPrecondition
             }
-            Self::Io { .. } => tonic::Code::Internal,
+            Self::Io { .. } | Self::Devices(DeviceFilterError::Bpf { .. }) => tonic::Code::Internal,
         }
     }
 }
@@ -241,8 +246,14 @@ impl ContainerCgroup {
         })
     }
 
-    /// Writes the limits in `resources` (cgroup v2 files).
+    /// Writes the limits in `resources` (cgroup v2 files) and attaches the
+    /// device program for its device rules, if it has any.
     pub fn apply(&self, resources: &LinuxResources) -> Result<(), CgroupError> {
+        if let Some(rules) = resources.devices().as_deref().filter(|r| !r.is_empty()) {
+            let mut rules = device_filter::rules_from_spec(rules)?;
+            rules.extend(device_filter::DEFAULT_ALLOWED);
+            device_filter::attach(&self.dir, &rules)?;
+        }
         if let Some(memory) = resources.memory() {
             if let Some(limit) = memory.limit() {
                 self.write("memory.max", &limit_text(limit), "memory")?;

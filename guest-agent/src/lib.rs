@@ -10,6 +10,7 @@
 pub mod async_fd;
 pub mod cgroup;
 pub mod cli;
+pub mod device_filter;
 pub mod events;
 pub mod guest;
 pub mod init;

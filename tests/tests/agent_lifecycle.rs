@@ -463,6 +463,56 @@ async fn security_settings_are_applied() {
     assert_eq!(output.stdout_text(), "ro\n");
 }
 
+/// `linux.resources.devices` becomes a cgroup device program: with
+/// deny-all, a node the spec made still cannot be opened (the standard
+/// devices stay usable); with an allow rule for it, it can; a bad rule is
+/// refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_rules_are_enforced_by_the_cgroup() {
+    let agent = AgentUnderTest::start("devices");
+    let rootfs = rootfs(&agent.dir);
+    let mut client = agent.client().await;
+    let probe = "head -c 0 /dev/loop-control && echo opened || echo denied; \
+                 head -c 1 /dev/zero | wc -c";
+    let mut denied = spec(&rootfs, &["sh", "-c", probe]);
+    denied["linux"]["devices"] = json!([{
+        "path": "/dev/loop-control", "type": "c", "major": 10, "minor": 237,
+        "fileMode": 0o600, "uid": 0, "gid": 0
+    }]);
+    denied["linux"]["resources"] = json!({"devices": [{"allow": false, "access": "rwm"}]});
+    let output = ok(&agent, client.run("denied", &denied).await);
+    assert_eq!(
+        output.stdout_text(),
+        "denied\n1\n",
+        "{:?}",
+        output.stderr_text()
+    );
+    assert!(
+        output.stderr_text().contains("Operation not permitted"),
+        "{:?}",
+        output.stderr_text()
+    );
+
+    let mut allowed = denied.clone();
+    allowed["linux"]["resources"]["devices"] = json!([
+        {"allow": false, "access": "rwm"},
+        {"allow": true, "type": "c", "major": 10, "minor": 237, "access": "r"}
+    ]);
+    let output = ok(&agent, client.run("allowed", &allowed).await);
+    assert_eq!(
+        output.stdout_text(),
+        "opened\n1\n",
+        "{:?}",
+        output.stderr_text()
+    );
+
+    let mut bad = denied.clone();
+    bad["linux"]["resources"]["devices"] = json!([{"allow": true, "access": "rwx"}]);
+    let status = client.create("bad", &bad, false).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("r, w and m"), "{status:?}");
+}
+
 /// The namespace inode of `kind` for a process seen through `path`.
 fn namespace_of(path: &str) -> String {
     std::fs::read_link(path)

@@ -286,6 +286,24 @@ fn microvm_pod_runs_the_crictl_flow() {
         "{ps}"
     );
 
+    // CRI's device rules (deny all but the standard devices) hold in the
+    // guest: the container has CAP_MKNOD, so it can make a node for
+    // /dev/kmsg, but not open it; /dev/null stays usable.
+    let devices = fx.exec(
+        &ctr,
+        &[
+            "sh",
+            "-c",
+            "mknod /tmp/kmsg c 1 11 && echo made; (echo hi > /tmp/kmsg) 2>&1; echo null > /dev/null && echo null-ok",
+        ],
+    );
+    assert!(
+        devices.starts_with("made\n")
+            && devices.contains("/tmp/kmsg: Operation not permitted")
+            && devices.ends_with("null-ok\n"),
+        "{devices}"
+    );
+
     // CRI's files: hostname, DNS, hosts.
     assert_eq!(fx.exec(&ctr, &["cat", "/etc/hostname"]).trim(), "vm-pod");
     let resolv = fx.exec(&ctr, &["cat", "/etc/resolv.conf"]);
