@@ -82,13 +82,13 @@ pub trait Backend: Send + Sync {
 
 pub fn backend_for(config: &Config) -> Box<dyn Backend> {
     match config.backend {
-        BackendKind::Builtin => Box::new(BuiltinBackend {
-            vmm: config.builtin.vmm.clone(),
-            jail: config.builtin.jail.then_some(Jail {
-                uid: config.builtin.jail_ids().0,
-                gid: config.builtin.jail_ids().1,
-            }),
-        }),
+        BackendKind::Builtin => {
+            let (uid, gid) = config.builtin.jail_ids();
+            Box::new(BuiltinBackend {
+                vmm: config.builtin.vmm.clone(),
+                jail: config.builtin.jail.then_some(Jail { uid, gid }),
+            })
+        }
         BackendKind::Qemu => Box::new(QemuBackend {
             qemu: config.qemu.binary.clone(),
             accel: config.qemu.accel,

@@ -419,7 +419,7 @@ impl PodVm {
 /// The root of a chrooted process: empty, and not writable by it once it
 /// dropped root. A dir left by an earlier run is reused only if empty.
 fn make_empty_root(dir: &Path) -> Result<(), LaunchError> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    use std::os::unix::fs::PermissionsExt;
     let prepare = |source| LaunchError::Prepare {
         path: dir.to_path_buf(),
         source,
@@ -449,28 +449,28 @@ fn record_pid(pid_dir: &Path, name: &str, pid: u32) {
     }
 }
 
-/// Field 22 (starttime) of /proc/<pid>/stat.
-pub fn process_start_time(pid: u32) -> Option<u64> {
+/// Field 3 (state) and field 22 (starttime) of /proc/<pid>/stat.
+fn state_and_start_time(pid: u32) -> Option<(String, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parens: skip past its
     // last ')'. Field 3 is then the first word.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let state = fields.next()?.to_owned();
+    let start_time = fields.nth(18)?.parse().ok()?;
+    Some((state, start_time))
+}
+
+/// Field 22 (starttime) of /proc/<pid>/stat.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    state_and_start_time(pid).map(|(_, start_time)| start_time)
 }
 
 /// Whether `pid` is still the process started at `start_time` and has not
 /// exited. A zombie has: a SIGKILLed shim stays one until it is reaped,
 /// and the crash cleanup must not take it for a live one.
 pub fn still_running(pid: u32, start_time: u64) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let Some(at) = stat.rfind(')') else {
-        return false;
-    };
-    // Field 3 (state), then field 22 (starttime).
-    let mut fields = stat[at + 1..].split_whitespace();
-    let state = fields.next();
-    let started = fields.nth(18).and_then(|word| word.parse::<u64>().ok());
-    started == Some(start_time) && !matches!(state, Some("Z" | "X"))
+    matches!(state_and_start_time(pid),
+        Some((state, started)) if started == start_time && state != "Z" && state != "X")
 }
 
 /// Kills every process recorded in `pid_dir` that is still the same process
