@@ -8,6 +8,7 @@
 //! Needs virtiofsd in PATH (scripts/install-deps.sh installs it).
 
 use microvm_devices::interrupt::EventFdTrigger;
+use microvm_devices::virtio::guest_ring::GuestRing;
 use microvm_devices::virtio::mmio::{reg, MmioTransport};
 use microvm_devices::virtio::{VirtioDevice, VirtioInterrupt};
 use microvm_tests::agent_qemu::find_tool;
@@ -41,66 +42,12 @@ const FUSE_ROOT_ID: u64 = 1;
 const IN_HEADER_LEN: u32 = 40;
 const OUT_HEADER_LEN: u32 = 16;
 
-/// One split virtqueue, written as a guest driver would.
-struct Ring {
-    desc: u64,
-    avail: u64,
-    used: u64,
-    next_avail: u16,
-}
-
-impl Ring {
-    fn at(base: u64) -> Self {
-        Self {
-            desc: base,
-            avail: base + 0x400,
-            used: base + 0x800,
-            next_avail: 0,
-        }
-    }
-
-    /// Queues one request: a device-readable buffer and a device-writable
-    /// one. Also asks for an interrupt on this very completion (the
-    /// EVENT_IDX used_event field), as Linux does.
-    fn push(&mut self, mem: &GuestMemoryMmap, request: (u64, u32), reply: (u64, u32)) {
-        let head = (self.next_avail % (QUEUE_SIZE / 2)) * 2;
-        for (i, ((addr, len), flags)) in [(request, 1u16), (reply, 2u16)].iter().enumerate() {
-            let at = self.desc + u64::from(head + i as u16) * 16;
-            mem.write_obj(*addr, GuestAddress(at)).unwrap();
-            mem.write_obj(*len, GuestAddress(at + 8)).unwrap();
-            mem.write_obj(*flags, GuestAddress(at + 12)).unwrap();
-            mem.write_obj(head + 1, GuestAddress(at + 14)).unwrap();
-        }
-        let used_event = self.avail + 4 + 2 * u64::from(QUEUE_SIZE);
-        mem.write_obj(self.used_idx(mem), GuestAddress(used_event))
-            .unwrap();
-        let slot = self.avail + 4 + u64::from(self.next_avail % QUEUE_SIZE) * 2;
-        mem.write_obj(head, GuestAddress(slot)).unwrap();
-        self.next_avail = self.next_avail.wrapping_add(1);
-        mem.write_obj(self.next_avail, GuestAddress(self.avail + 2))
-            .unwrap();
-    }
-
-    fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
-        mem.read_obj(GuestAddress(self.used + 2)).unwrap()
-    }
-
-    /// (descriptor head, bytes written) of used element `index`.
-    fn used(&self, mem: &GuestMemoryMmap, index: u16) -> (u32, u32) {
-        let at = self.used + 4 + u64::from(index % QUEUE_SIZE) * 8;
-        (
-            mem.read_obj(GuestAddress(at)).unwrap(),
-            mem.read_obj(GuestAddress(at + 4)).unwrap(),
-        )
-    }
-}
-
 struct Driver {
     mem: GuestMemoryMmap,
     mmio: VhostUserMmio,
     device: Arc<Mutex<VhostUserFs>>,
     irq_fd: i32,
-    request_queue: Ring,
+    request_queue: GuestRing,
 }
 
 impl Driver {
@@ -130,7 +77,7 @@ impl Driver {
             .write_slice(&[0u8; 0x2000], GuestAddress(0x10_0000))
             .unwrap();
         for queue in 0..2u32 {
-            let ring = Ring::at(0x10_0000 + u64::from(queue) * 0x1000);
+            let ring = GuestRing::at(0x10_0000 + u64::from(queue) * 0x1000, QUEUE_SIZE);
             self.write(reg::QUEUE_SEL, queue);
             self.write(reg::QUEUE_NUM, u32::from(QUEUE_SIZE));
             self.write(reg::QUEUE_DESC_LOW, ring.desc as u32);
@@ -155,10 +102,14 @@ impl Driver {
             .write_slice(&[0u8; 4096], GuestAddress(reply_at))
             .unwrap();
         let before = self.request_queue.used_idx(&self.mem);
-        self.request_queue.push(
+        // As Linux does: an interrupt for this very completion.
+        self.request_queue.request_interrupt_on_next(&self.mem);
+        self.request_queue.add(
             &self.mem,
-            (request_at, request.len() as u32),
-            (reply_at, 4096),
+            &[
+                (request_at, request.len() as u32, false),
+                (reply_at, 4096, true),
+            ],
         );
         // Through the notify register: the transport writes the queue's
         // eventfd, which the back-end got as its kick fd (with KVM, the
@@ -284,7 +235,7 @@ fn driver(device: VhostUserFs, memory_mib: u64) -> Driver {
         mmio: VhostUserMmio::new(transport),
         device,
         irq_fd,
-        request_queue: Ring::at(0),
+        request_queue: GuestRing::at(0, QUEUE_SIZE),
     }
 }
 

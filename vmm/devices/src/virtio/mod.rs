@@ -11,6 +11,8 @@
 //! takes the device mutex, so the two cannot deadlock.
 
 pub mod block;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod guest_ring;
 pub mod mmio;
 pub mod net;
 pub mod rng;

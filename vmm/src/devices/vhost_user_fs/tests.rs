@@ -7,6 +7,7 @@ use crate::config::FsConfig;
 use crate::memory::{create_guest_memory, GuestRam};
 use event_manager::{EventManager, SubscriberOps};
 use microvm_devices::interrupt::EventFdTrigger;
+use microvm_devices::virtio::guest_ring::GuestRing;
 use microvm_devices::virtio::mmio::{reg, MmioTransport};
 use microvm_devices::virtio::{VirtioDevice, VirtioInterrupt};
 use std::io;
@@ -223,62 +224,11 @@ const FEATURES_OK: u32 = 8;
 const NEEDS_RESET: u32 = 0x40;
 const QUEUE_SIZE: u16 = 16;
 
-/// A split ring the test writes as the guest driver would.
-struct Ring {
-    desc: u64,
-    avail: u64,
-    used: u64,
-    next_avail: u16,
-}
-
-impl Ring {
-    fn at(base: u64) -> Self {
-        Self {
-            desc: base,
-            avail: base + 0x400,
-            used: base + 0x800,
-            next_avail: 0,
-        }
-    }
-
-    /// Adds a chain of (address, length, device-writable) buffers.
-    fn add(&mut self, mem: &crate::GuestMemoryMmap, buffers: &[(u64, u32, bool)]) {
-        // Up to four descriptors per chain, four chains in flight.
-        let head = (self.next_avail % (QUEUE_SIZE / 4)) * 4;
-        for (i, (addr, len, writable)) in buffers.iter().enumerate() {
-            let index = head + i as u16;
-            let mut flags = if *writable { 2u16 } else { 0 };
-            if i + 1 < buffers.len() {
-                flags |= 1;
-            }
-            let at = self.desc + u64::from(index) * 16;
-            mem.write_obj(*addr, GuestAddress(at)).unwrap();
-            mem.write_obj(*len, GuestAddress(at + 8)).unwrap();
-            mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
-            mem.write_obj(index + 1, GuestAddress(at + 14)).unwrap();
-        }
-        let slot = self.avail + 4 + u64::from(self.next_avail % QUEUE_SIZE) * 2;
-        mem.write_obj(head, GuestAddress(slot)).unwrap();
-        self.next_avail = self.next_avail.wrapping_add(1);
-        mem.write_obj(self.next_avail, GuestAddress(self.avail + 2))
-            .unwrap();
-    }
-
-    fn used_idx(&self, mem: &crate::GuestMemoryMmap) -> u16 {
-        mem.read_obj(GuestAddress(self.used + 2)).unwrap()
-    }
-
-    fn used_len(&self, mem: &crate::GuestMemoryMmap, index: u16) -> u32 {
-        let at = self.used + 4 + u64::from(index % QUEUE_SIZE) * 8 + 4;
-        mem.read_obj(GuestAddress(at)).unwrap()
-    }
-}
-
 struct Guest {
     ram: GuestRam,
     mmio: VhostUserMmio,
     device: Arc<Mutex<VhostUserFs>>,
-    rings: Vec<Ring>,
+    rings: Vec<GuestRing>,
 }
 
 impl Guest {
@@ -327,7 +277,7 @@ impl Guest {
         self.write(reg::STATUS, ACK | DRIVER | FEATURES_OK);
         self.rings.clear();
         for queue in 0..2u32 {
-            let ring = Ring::at(0x10_0000 + u64::from(queue) * 0x1000);
+            let ring = GuestRing::at(0x10_0000 + u64::from(queue) * 0x1000, QUEUE_SIZE);
             self.write(reg::QUEUE_SEL, queue);
             self.write(reg::QUEUE_NUM, u32::from(QUEUE_SIZE));
             self.write(reg::QUEUE_DESC_LOW, ring.desc as u32);
@@ -402,7 +352,7 @@ fn activation_hands_the_rings_to_the_backend_end_to_end() {
     guest.write(reg::QUEUE_NOTIFY, 1);
     assert!(guest.wait_for_interrupt(), "back-end never signalled");
     assert_eq!(guest.rings[1].used_idx(&mem), 1);
-    assert_eq!(guest.rings[1].used_len(&mem, 0), 14);
+    assert_eq!(guest.rings[1].used(&mem, 0).1, 14);
     let mut reply = [0u8; 14];
     mem.read_slice(&mut reply, GuestAddress(0x21_0000)).unwrap();
     assert_eq!(&reply, b"dnekcab ,olleh");
