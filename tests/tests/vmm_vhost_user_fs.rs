@@ -8,7 +8,10 @@
 //! Needs virtiofsd in PATH (scripts/install-deps.sh installs it).
 
 use microvm_devices::interrupt::EventFdTrigger;
-use microvm_devices::virtio::guest_ring::GuestRing;
+use microvm_devices::virtio::guest_ring::status::{
+    ACK, DRIVER, DRIVER_OK, FEATURES_OK, NEEDS_RESET,
+};
+use microvm_devices::virtio::guest_ring::{bring_up, DriverRegisters, GuestRing};
 use microvm_devices::virtio::mmio::{reg, MmioTransport};
 use microvm_devices::virtio::{VirtioDevice, VirtioInterrupt};
 use microvm_tests::agent_qemu::find_tool;
@@ -27,11 +30,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 
-const ACK: u32 = 1;
-const DRIVER: u32 = 2;
-const DRIVER_OK: u32 = 4;
-const FEATURES_OK: u32 = 8;
-const NEEDS_RESET: u32 = 0x40;
 const VERSION_1: u64 = 1 << 32;
 const EVENT_IDX: u64 = 1 << 29;
 const QUEUE_SIZE: u16 = 16;
@@ -50,46 +48,42 @@ struct Driver {
     request_queue: GuestRing,
 }
 
-impl Driver {
-    fn read(&mut self, offset: u64) -> u32 {
+impl DriverRegisters for Driver {
+    fn read_reg(&mut self, offset: u64) -> u32 {
         let mut data = [0u8; 4];
         self.mmio.mmio_read(MmioAddress(0), offset, &mut data);
         u32::from_le_bytes(data)
     }
 
-    fn write(&mut self, offset: u64, value: u32) {
+    fn write_reg(&mut self, offset: u64, value: u32) {
         self.mmio
             .mmio_write(MmioAddress(0), offset, &value.to_le_bytes());
+    }
+}
+
+impl Driver {
+    fn read(&mut self, offset: u64) -> u32 {
+        self.read_reg(offset)
+    }
+
+    fn write(&mut self, offset: u64, value: u32) {
+        self.write_reg(offset, value)
     }
 
     /// Features, both queues (hiprio and one request queue), DRIVER_OK.
     fn bring_up(&mut self, features: u64) -> u32 {
-        self.write(reg::STATUS, 0);
-        self.write(reg::STATUS, ACK);
-        self.write(reg::STATUS, ACK | DRIVER);
-        self.write(reg::DRIVER_FEATURES_SEL, 0);
-        self.write(reg::DRIVER_FEATURES, features as u32);
-        self.write(reg::DRIVER_FEATURES_SEL, 1);
-        self.write(reg::DRIVER_FEATURES, (features >> 32) as u32);
-        self.write(reg::STATUS, ACK | DRIVER | FEATURES_OK);
         // Fresh rings, as a driver allocates them after a reset.
         self.mem
             .write_slice(&[0u8; 0x2000], GuestAddress(0x10_0000))
             .unwrap();
-        for queue in 0..2u32 {
-            let ring = GuestRing::at(0x10_0000 + u64::from(queue) * 0x1000, QUEUE_SIZE);
-            self.write(reg::QUEUE_SEL, queue);
-            self.write(reg::QUEUE_NUM, u32::from(QUEUE_SIZE));
-            self.write(reg::QUEUE_DESC_LOW, ring.desc as u32);
-            self.write(reg::QUEUE_AVAIL_LOW, ring.avail as u32);
-            self.write(reg::QUEUE_USED_LOW, ring.used as u32);
-            self.write(reg::QUEUE_READY, 1);
-            if queue == 1 {
-                self.request_queue = ring;
-            }
+        let mut rings: Vec<GuestRing> = (0..2u64)
+            .map(|queue| GuestRing::at(0x10_0000 + queue * 0x1000, QUEUE_SIZE))
+            .collect();
+        let status = bring_up(self, features, &rings);
+        if let Some(request_queue) = rings.pop() {
+            self.request_queue = request_queue;
         }
-        self.write(reg::STATUS, ACK | DRIVER | FEATURES_OK | DRIVER_OK);
-        self.read(reg::STATUS)
+        status
     }
 
     /// Sends one FUSE request on the request queue and returns the reply.

@@ -1,12 +1,55 @@
 //! A split virtqueue written from the guest's side at fixed addresses, for
 //! tests that play the driver of a device they do not own the memory of
-//! (the vhost-user devices' unit and integration tests). Unlike
+//! (the vhost-user devices' unit and integration tests), and the driver's
+//! side of the virtio-mmio handshake. Unlike
 //! `test_utils::TestQueue` it keeps no borrow of the memory, so a test
 //! driver can hold it beside the guest RAM. Test code: panics on a memory
 //! error.
 
+use super::mmio::reg;
 use crate::GuestMemoryMmap;
 use vm_memory::{Bytes, GuestAddress};
+
+/// Device status bits as a driver writes them.
+pub mod status {
+    use virtio_bindings::virtio_config as config;
+    pub const ACK: u32 = config::VIRTIO_CONFIG_S_ACKNOWLEDGE;
+    pub const DRIVER: u32 = config::VIRTIO_CONFIG_S_DRIVER;
+    pub const DRIVER_OK: u32 = config::VIRTIO_CONFIG_S_DRIVER_OK;
+    pub const FEATURES_OK: u32 = config::VIRTIO_CONFIG_S_FEATURES_OK;
+    pub const NEEDS_RESET: u32 = config::VIRTIO_CONFIG_S_NEEDS_RESET;
+}
+
+/// A virtio-mmio register file seen from the guest.
+pub trait DriverRegisters {
+    fn read_reg(&mut self, offset: u64) -> u32;
+    fn write_reg(&mut self, offset: u64, value: u32);
+}
+
+/// The driver's handshake: reset, ACKNOWLEDGE, DRIVER, `features`,
+/// FEATURES_OK, queue `i` on `rings[i]`, DRIVER_OK. Returns the status
+/// register after DRIVER_OK.
+pub fn bring_up(regs: &mut impl DriverRegisters, features: u64, rings: &[GuestRing]) -> u32 {
+    use status::{ACK, DRIVER, DRIVER_OK, FEATURES_OK};
+    regs.write_reg(reg::STATUS, 0);
+    regs.write_reg(reg::STATUS, ACK);
+    regs.write_reg(reg::STATUS, ACK | DRIVER);
+    regs.write_reg(reg::DRIVER_FEATURES_SEL, 0);
+    regs.write_reg(reg::DRIVER_FEATURES, features as u32);
+    regs.write_reg(reg::DRIVER_FEATURES_SEL, 1);
+    regs.write_reg(reg::DRIVER_FEATURES, (features >> 32) as u32);
+    regs.write_reg(reg::STATUS, ACK | DRIVER | FEATURES_OK);
+    for (index, ring) in rings.iter().enumerate() {
+        regs.write_reg(reg::QUEUE_SEL, index as u32);
+        regs.write_reg(reg::QUEUE_NUM, u32::from(ring.size));
+        regs.write_reg(reg::QUEUE_DESC_LOW, ring.desc as u32);
+        regs.write_reg(reg::QUEUE_AVAIL_LOW, ring.avail as u32);
+        regs.write_reg(reg::QUEUE_USED_LOW, ring.used as u32);
+        regs.write_reg(reg::QUEUE_READY, 1);
+    }
+    regs.write_reg(reg::STATUS, ACK | DRIVER | FEATURES_OK | DRIVER_OK);
+    regs.read_reg(reg::STATUS)
+}
 
 const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;

@@ -7,7 +7,10 @@ use crate::config::FsConfig;
 use crate::memory::{create_guest_memory, GuestRam};
 use event_manager::{EventManager, SubscriberOps};
 use microvm_devices::interrupt::EventFdTrigger;
-use microvm_devices::virtio::guest_ring::GuestRing;
+use microvm_devices::virtio::guest_ring::status::{
+    ACK, DRIVER, DRIVER_OK, FEATURES_OK, NEEDS_RESET,
+};
+use microvm_devices::virtio::guest_ring::{bring_up, DriverRegisters, GuestRing};
 use microvm_devices::virtio::mmio::{reg, MmioTransport};
 use microvm_devices::virtio::{VirtioDevice, VirtioInterrupt};
 use std::io;
@@ -217,11 +220,6 @@ impl Drop for Served {
     }
 }
 
-const ACK: u32 = 1;
-const DRIVER: u32 = 2;
-const DRIVER_OK: u32 = 4;
-const FEATURES_OK: u32 = 8;
-const NEEDS_RESET: u32 = 0x40;
 const QUEUE_SIZE: u16 = 16;
 
 struct Guest {
@@ -229,6 +227,19 @@ struct Guest {
     mmio: VhostUserMmio,
     device: Arc<Mutex<VhostUserFs>>,
     rings: Vec<GuestRing>,
+}
+
+impl DriverRegisters for Guest {
+    fn read_reg(&mut self, offset: u64) -> u32 {
+        let mut data = [0u8; 4];
+        self.mmio.mmio_read(MmioAddress(0), offset, &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    fn write_reg(&mut self, offset: u64, value: u32) {
+        self.mmio
+            .mmio_write(MmioAddress(0), offset, &value.to_le_bytes());
+    }
 }
 
 impl Guest {
@@ -247,14 +258,11 @@ impl Guest {
     }
 
     fn read(&mut self, offset: u64) -> u32 {
-        let mut data = [0u8; 4];
-        self.mmio.mmio_read(MmioAddress(0), offset, &mut data);
-        u32::from_le_bytes(data)
+        self.read_reg(offset)
     }
 
     fn write(&mut self, offset: u64, value: u32) {
-        self.mmio
-            .mmio_write(MmioAddress(0), offset, &value.to_le_bytes());
+        self.write_reg(offset, value)
     }
 
     fn offered_features(&mut self) -> u64 {
@@ -267,27 +275,12 @@ impl Guest {
     /// The whole driver handshake; returns the status register after
     /// DRIVER_OK.
     fn bring_up(&mut self, features: u64) -> u32 {
-        self.write(reg::STATUS, 0);
-        self.write(reg::STATUS, ACK);
-        self.write(reg::STATUS, ACK | DRIVER);
-        self.write(reg::DRIVER_FEATURES_SEL, 0);
-        self.write(reg::DRIVER_FEATURES, features as u32);
-        self.write(reg::DRIVER_FEATURES_SEL, 1);
-        self.write(reg::DRIVER_FEATURES, (features >> 32) as u32);
-        self.write(reg::STATUS, ACK | DRIVER | FEATURES_OK);
-        self.rings.clear();
-        for queue in 0..2u32 {
-            let ring = GuestRing::at(0x10_0000 + u64::from(queue) * 0x1000, QUEUE_SIZE);
-            self.write(reg::QUEUE_SEL, queue);
-            self.write(reg::QUEUE_NUM, u32::from(QUEUE_SIZE));
-            self.write(reg::QUEUE_DESC_LOW, ring.desc as u32);
-            self.write(reg::QUEUE_AVAIL_LOW, ring.avail as u32);
-            self.write(reg::QUEUE_USED_LOW, ring.used as u32);
-            self.write(reg::QUEUE_READY, 1);
-            self.rings.push(ring);
-        }
-        self.write(reg::STATUS, ACK | DRIVER | FEATURES_OK | DRIVER_OK);
-        self.read(reg::STATUS)
+        let rings: Vec<GuestRing> = (0..2u64)
+            .map(|queue| GuestRing::at(0x10_0000 + queue * 0x1000, QUEUE_SIZE))
+            .collect();
+        let status = bring_up(self, features, &rings);
+        self.rings = rings;
+        status
     }
 
     fn wait_for_interrupt(&self) -> bool {
