@@ -253,21 +253,30 @@ pub fn shim_config(data: &[u8]) {
     }
 }
 
-/// The shim's pod annotations over the default config, with every key
-/// allowed. Input: `key=value` lines. What `apply` accepts must pass the
-/// config's own validation, and kernel_args get only plain characters.
-pub fn shim_annotations(data: &[u8]) {
-    let text = String::from_utf8_lossy(data);
-    let annotations: HashMap<String, String> = text
-        .lines()
+/// `key=value` lines as pod annotations.
+fn annotation_lines(text: &str) -> HashMap<String, String> {
+    text.lines()
         .filter_map(|line| line.split_once('='))
         .map(|(key, value)| (key.to_owned(), value.to_owned()))
-        .collect();
+        .collect()
+}
+
+/// The default config with every overridable key allowed as an annotation.
+fn config_allowing_every_annotation() -> microvm_shim::config::Config {
     let mut config = microvm_shim::config::Config::default();
     config.annotations.allowed = microvm_shim::annotations::OVERRIDABLE_KEYS
         .iter()
         .map(|key| (*key).to_owned())
         .collect();
+    config
+}
+
+/// The shim's pod annotations over the default config, with every key
+/// allowed. Input: `key=value` lines. What `apply` accepts must pass the
+/// config's own validation, and kernel_args get only plain characters.
+pub fn shim_annotations(data: &[u8]) {
+    let annotations = annotation_lines(&String::from_utf8_lossy(data));
+    let mut config = config_allowing_every_annotation();
     if microvm_shim::annotations::apply(&mut config, &annotations).is_ok() {
         let path = Path::new("fuzz.toml");
         if let Err(err) = config.validate(path) {
@@ -346,17 +355,8 @@ mod tests {
             microvm_shim::config::Config::parse(text, Path::new("seed.toml")).unwrap();
         }
         for seed in saved_inputs("seeds", "shim_annotations") {
-            let text = String::from_utf8(seed).unwrap();
-            let annotations: HashMap<String, String> = text
-                .lines()
-                .filter_map(|line| line.split_once('='))
-                .map(|(key, value)| (key.to_owned(), value.to_owned()))
-                .collect();
-            let mut config = microvm_shim::config::Config::default();
-            config.annotations.allowed = microvm_shim::annotations::OVERRIDABLE_KEYS
-                .iter()
-                .map(|key| (*key).to_owned())
-                .collect();
+            let annotations = annotation_lines(&String::from_utf8(seed).unwrap());
+            let mut config = config_allowing_every_annotation();
             microvm_shim::annotations::apply(&mut config, &annotations).unwrap();
             assert_eq!(config.vm.vcpus, 2);
         }
