@@ -206,6 +206,15 @@ fn arp_request(sender_mac: [u8; 6], sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u
     frame
 }
 
+/// Detach removed the veth's ingress qdisc (and so its redirect).
+fn assert_no_ingress_qdisc(namespaces: &Namespaces, device: &str) {
+    let qdiscs = ok(
+        "tc",
+        &["-n", &namespaces.pod, "qdisc", "show", "dev", device],
+    );
+    assert!(!qdiscs.contains("ingress"), "{qdiscs}");
+}
+
 fn tc_ingress_filters(namespaces: &Namespaces, device: &str) -> String {
     ok(
         "tc",
@@ -339,11 +348,7 @@ fn attach_redirects_the_pod_veth_and_a_persistent_tap_both_ways() {
     // Detach removes the tap even while a VMM still holds it.
     network.detach().unwrap();
     assert!(!namespaces.tap_exists(), "tap survived detach");
-    let qdiscs = ok(
-        "tc",
-        &["-n", &namespaces.pod, "qdisc", "show", "dev", "eth0"],
-    );
-    assert!(!qdiscs.contains("ingress"), "{qdiscs}");
+    assert_no_ingress_qdisc(&namespaces, "eth0");
     drop(tap);
     network.detach().unwrap();
 }
@@ -463,11 +468,7 @@ fn detach_is_ok_when_the_tap_or_the_netns_is_already_gone() {
     assert!(namespaces.tap_exists());
     ok("ip", &["-n", &namespaces.pod, "link", "del", TAP]);
     network.detach().unwrap();
-    let qdiscs = ok(
-        "tc",
-        &["-n", &namespaces.pod, "qdisc", "show", "dev", "eth0"],
-    );
-    assert!(!qdiscs.contains("ingress"), "{qdiscs}");
+    assert_no_ingress_qdisc(&namespaces, "eth0");
     drop(namespaces);
     network.detach().unwrap();
 }
