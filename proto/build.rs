@@ -7,6 +7,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "microvm/agent/v1/events.proto",
         "microvm/agent/v1/storage.proto",
         "microvm/agent/v1/network.proto",
+        // microvm-ctl: guest metrics and the debug console.
+        "microvm/agent/v1/debug.proto",
+        // API 1.1: the guest clock (issue #15).
+        "microvm/agent/v1/clock.proto",
     ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");

@@ -66,16 +66,62 @@ cargo build --workspace --bins --locked
 step guest-image "kernel + initramfs (cached outside the repo)"
 cargo run --quiet --locked -p microvm-guest-image --bin microvm-image -- all
 
-step tests "cargo test"
+step tests "cargo test, with cri_pods in a stream of its own; then the fuzz targets"
+# Everything is built first, so the two streams below only run tests.
+cargo test --workspace --locked --lib --bins --tests --no-run
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+cri_log=$(mktemp)
+trap 'rm -f "$log" "$cri_log"' EXIT
 set +e
-cargo test --workspace --locked --no-fail-fast --lib --bins --tests -- --test-threads=2 2>&1 | tee "$log"
+# Two streams at once: `cri_pods` (the longest: its nested-KVM L1 runs nine
+# CRI cases) and everything else. An emulated L1 keeps about one core busy,
+# so the other stream gets the second core. The `cri_pods` stream's lines
+# are prefixed; its whole log is kept for the summaries. Its binary runs
+# directly, from its package dir as cargo would: a `cargo test` holds the
+# build directory's lock until its tests end.
+cri_binary=$PWD/$(cargo test --locked -p microvm-tests --test cri_pods --no-run 2>&1 \
+  | sed -n 's/^ *Executable .*(\(.*\))$/\1/p')
+cri_started=$SECONDS
+(
+  set -o pipefail
+  echo "     Running tests/cri_pods.rs (${cri_binary#"$PWD"/})" >"$cri_log"
+  cd tests && "$cri_binary" --test-threads=2 2>&1 | tee -a "$cri_log" | sed -u 's/^/[cri_pods] /'
+) &
+cri_pid=$!
+other_tests=()
+for test in tests/tests/*.rs; do
+  name=$(basename "$test" .rs)
+  [ "$name" = cri_pods ] || other_tests+=(--test "$name")
+done
+cargo test --workspace --exclude microvm-tests --locked --no-fail-fast --lib --bins --tests \
+  -- --test-threads=2 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
+cargo test -p microvm-tests --locked --no-fail-fast --lib --bins "${other_tests[@]}" \
+  -- --test-threads=2 2>&1 | tee -a "$log"
+other_status=${PIPESTATUS[0]}
+((status == 0)) && status=$other_status
 probe test --locked 2>&1 | tee -a "$log"
 probe_status=${PIPESTATUS[0]}
 ((status == 0)) && status=$probe_status
+other_seconds=$((SECONDS - cri_started))
+
+# Every guest-facing parser's fuzz target for 15 s, after replaying its
+# seeds and saved crash inputs, one target at a time (the L1 has the other
+# core). Without ASan: the build is what costs here.
+fuzz_started=$SECONDS
+echo "== fuzz: every target for 15 s (scripts/fuzz.sh)"
+FUZZ_SANITIZER=none FUZZ_JOBS=1 scripts/fuzz.sh 15 || status=1
+fuzz_seconds=$((SECONDS - fuzz_started))
+
+wait "$cri_pid"
+cri_status=$?
+((status == 0)) && status=$cri_status
+cri_seconds=$((SECONDS - cri_started))
+cat "$cri_log" >>"$log"
+# As cargo says it of a test binary that died (the closing line counts it).
+((cri_status == 0)) || echo "error: test failed, to rerun pass \`--test cri_pods\`: process didn't exit successfully: $cri_binary (exit status: $cri_status)" >>"$log"
 set -e
+echo "streams: cri_pods ${cri_seconds}s; the other tests ${other_seconds}s, then fuzz ${fuzz_seconds}s"
 # One closing line over every test binary ("ignored" tests are skips; each
 # prints why, e.g. the Linux-under-KVM boot on a PVM host).
 # A test binary that died (a signal, a timeout) prints no result line:
@@ -84,11 +130,15 @@ awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += 
      /process didn.t exit successfully/ && !/exit status: 101/ { f += 1 }
      END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
 
-# Every guest-facing parser's fuzz target for 30 s, after replaying its
-# seeds and saved crash inputs, one target per core at a time. Without ASan:
-# the build is what costs here.
-step fuzz "every target for 30 s (scripts/fuzz.sh)"
-FUZZ_SANITIZER=none scripts/fuzz.sh 30 || status=1
+# Where the test step's time went: every test binary over 10 s, longest
+# first (libtest's "finished in" of each binary; the L1 suites' cases print
+# their own times above).
+awk '/^ *Running / { binary = $0; sub(/^ *Running /, "", binary) } /^test result:/ && binary != "" { t = $NF; sub(/s$/, "", t); if (t + 0 >= 10) printf "%6.0fs  %s\n", t, binary; binary = "" }' "$log" \
+  | sort -rn | sed '1i test binaries over 10 s:'
 step "" ""
+# Each failed test's first lines once more, at the end where a truncated
+# CI log still shows them (libtest's "---- name stdout ----" sections).
+awk 'BEGIN { shown = 99 } /^---- .* ----$/ { shown = 0; print; next } /^(failures:|running |test result:)/ { shown = 99 } shown < 10 && NF { print "  " substr($0, 1, 300); shown++ }' "$log" \
+  | sed '1i failures, once more:' | head -200
 echo "step times: ${steps[*]}"
 exit "$status"

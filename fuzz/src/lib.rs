@@ -191,7 +191,7 @@ pub fn agent_request(data: &[u8]) {
                     }
                 }
                 for key in request.sysctls.keys() {
-                    if let Some(path) = oci::sysctl_path(key) {
+                    if let Some(path) = microvm_agent::sysctl::proc_path(key) {
                         assert!(path.starts_with("/proc/sys/") && !path.contains(".."));
                     }
                 }
@@ -223,6 +223,8 @@ pub fn agent_request(data: &[u8]) {
 }
 
 /// The shim's view of a bundle's config.json: which pod a container joins.
+/// An id it accepts is the annotation (else the container id) and can name
+/// a path component only: never empty, `.`/`..`, or holding a `/`.
 pub fn shim_spec(data: &[u8]) {
     let Ok(spec) = serde_json::from_slice::<oci_spec::runtime::Spec>(data) else {
         return;
@@ -233,9 +235,16 @@ pub fn shim_spec(data: &[u8]) {
         .as_ref()
         .and_then(|annotations| annotations.get(microvm_shim::service::SANDBOX_ID_ANNOTATION))
         .filter(|id| !id.is_empty());
-    match annotation {
-        Some(id) => assert_eq!(&pod, id),
-        None => assert_eq!(pod, "fallback-container"),
+    let wanted = annotation.map_or("fallback-container", String::as_str);
+    match pod {
+        Ok(pod) => {
+            assert_eq!(pod, wanted);
+            assert!(pod.len() <= 76 && !pod.contains('/') && pod != "." && pod != "..");
+            assert!(pod
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)));
+        }
+        Err(err) => assert_eq!(err.0, wanted),
     }
 }
 
@@ -362,7 +371,10 @@ mod tests {
         }
         for seed in saved_inputs("seeds", "shim_spec") {
             let spec: oci_spec::runtime::Spec = serde_json::from_slice(&seed).unwrap();
-            assert_eq!(microvm_shim::service::pod_id_of(&spec, "c"), "pod-1");
+            assert_eq!(
+                microvm_shim::service::pod_id_of(&spec, "c").unwrap(),
+                "pod-1"
+            );
         }
     }
 

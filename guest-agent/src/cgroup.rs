@@ -4,11 +4,12 @@
 //! either fix the root at /sys/fs/cgroup or bring a whole runtime.
 
 use crate::device_filter::{self, DeviceFilterError};
-use oci_spec::runtime::LinuxResources;
+use crate::lock::lock;
+use oci_spec::runtime::{LinuxBlockIo, LinuxCpu, LinuxMemory, LinuxPids, LinuxResources};
 use std::collections::HashMap;
 use std::io;
 use std::path::{Component, Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -145,7 +146,7 @@ impl CgroupRoot {
             .strip_prefix(&self.root)
             .map_err(|_| CgroupError::BadPath(dir.display().to_string()))?;
         let mut current = self.root.clone();
-        let tree = self.tree.lock().unwrap_or_else(PoisonError::into_inner);
+        let tree = lock(&self.tree);
         let result = (|| {
             for component in relative.components() {
                 self.enable_controllers(&current)?;
@@ -255,88 +256,16 @@ impl ContainerCgroup {
             device_filter::attach(&self.dir, &rules)?;
         }
         if let Some(memory) = resources.memory() {
-            if let Some(limit) = memory.limit() {
-                self.write("memory.max", &limit_text(limit), "memory")?;
-            }
-            if let Some(reservation) = memory.reservation() {
-                self.write("memory.low", &limit_text(reservation), "memory")?;
-            }
-            if let Some(swap) = memory.swap() {
-                // OCI swap is memory+swap; v2 swap.max is swap alone.
-                let value = match (swap, memory.limit()) {
-                    (swap, _) if swap < 0 => "max".to_owned(),
-                    (swap, Some(limit)) if limit >= 0 => {
-                        swap.saturating_sub(limit).max(0).to_string()
-                    }
-                    (swap, _) => swap.to_string(),
-                };
-                // A kernel without swap has no memory.swap.max; asking for
-                // no swap (or unlimited) is then already true.
-                let no_swap_file = !self.dir.join("memory.swap.max").exists();
-                if !(no_swap_file && (value == "0" || value == "max")) {
-                    self.write("memory.swap.max", &value, "memory")?;
-                }
-            }
+            self.apply_memory(memory)?;
         }
         if let Some(cpu) = resources.cpu() {
-            if let Some(shares) = cpu.shares() {
-                let weight = shares_to_weight(shares);
-                if weight > 0 {
-                    self.write("cpu.weight", &weight.to_string(), "cpu")?;
-                }
-            }
-            if cpu.quota().is_some() || cpu.period().is_some() {
-                let quota = cpu.quota().map_or("max".to_owned(), limit_text);
-                let period = cpu.period().unwrap_or(100_000);
-                self.write("cpu.max", &format!("{quota} {period}"), "cpu")?;
-            }
-            if let Some(idle) = cpu.idle() {
-                self.write("cpu.idle", &idle.to_string(), "cpu")?;
-            }
-            if let Some(cpus) = cpu.cpus().as_deref().filter(|cpus| !cpus.is_empty()) {
-                self.write("cpuset.cpus", cpus, "cpuset")?;
-            }
-            if let Some(mems) = cpu.mems().as_deref().filter(|mems| !mems.is_empty()) {
-                self.write("cpuset.mems", mems, "cpuset")?;
-            }
+            self.apply_cpu(cpu)?;
         }
         if let Some(pids) = resources.pids() {
-            let limit = pids.limit();
-            let value = if limit <= 0 {
-                "max".to_owned()
-            } else {
-                limit.to_string()
-            };
-            self.write("pids.max", &value, "pids")?;
+            self.apply_pids(pids)?;
         }
         if let Some(block_io) = resources.block_io() {
-            if let Some(weight) = block_io.weight() {
-                self.write(
-                    "io.weight",
-                    &format!("default {}", blkio_weight_to_io_weight(weight)),
-                    "io",
-                )?;
-            }
-            let throttles = [
-                ("rbps", block_io.throttle_read_bps_device()),
-                ("wbps", block_io.throttle_write_bps_device()),
-                ("riops", block_io.throttle_read_iops_device()),
-                ("wiops", block_io.throttle_write_iops_device()),
-            ];
-            for (key, devices) in throttles {
-                for device in devices.as_deref().unwrap_or_default() {
-                    self.write(
-                        "io.max",
-                        &format!(
-                            "{}:{} {key}={}",
-                            device.major(),
-                            device.minor(),
-                            device.rate()
-                        ),
-                        "io",
-                    )?;
-                }
-            }
+            self.apply_block_io(block_io)?;
         }
         for hugepage in resources.hugepage_limits().as_deref().unwrap_or_default() {
             self.write(
@@ -359,6 +288,99 @@ impl ContainerCgroup {
                 });
             }
             self.write(key, value, "unified")?;
+        }
+        Ok(())
+    }
+
+    /// memory.max, memory.low and memory.swap.max.
+    fn apply_memory(&self, memory: &LinuxMemory) -> Result<(), CgroupError> {
+        if let Some(limit) = memory.limit() {
+            self.write("memory.max", &limit_text(limit), "memory")?;
+        }
+        if let Some(reservation) = memory.reservation() {
+            self.write("memory.low", &limit_text(reservation), "memory")?;
+        }
+        if let Some(swap) = memory.swap() {
+            // OCI swap is memory+swap; v2 swap.max is swap alone.
+            let value = match (swap, memory.limit()) {
+                (swap, _) if swap < 0 => "max".to_owned(),
+                (swap, Some(limit)) if limit >= 0 => swap.saturating_sub(limit).max(0).to_string(),
+                (swap, _) => swap.to_string(),
+            };
+            // A kernel without swap has no memory.swap.max; asking for
+            // no swap (or unlimited) is then already true.
+            let no_swap_file = !self.dir.join("memory.swap.max").exists();
+            if !(no_swap_file && (value == "0" || value == "max")) {
+                self.write("memory.swap.max", &value, "memory")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// cpu.weight, cpu.max, cpu.idle and the cpuset.
+    fn apply_cpu(&self, cpu: &LinuxCpu) -> Result<(), CgroupError> {
+        if let Some(shares) = cpu.shares() {
+            let weight = shares_to_weight(shares);
+            if weight > 0 {
+                self.write("cpu.weight", &weight.to_string(), "cpu")?;
+            }
+        }
+        if cpu.quota().is_some() || cpu.period().is_some() {
+            let quota = cpu.quota().map_or("max".to_owned(), limit_text);
+            let period = cpu.period().unwrap_or(100_000);
+            self.write("cpu.max", &format!("{quota} {period}"), "cpu")?;
+        }
+        if let Some(idle) = cpu.idle() {
+            self.write("cpu.idle", &idle.to_string(), "cpu")?;
+        }
+        if let Some(cpus) = cpu.cpus().as_deref().filter(|cpus| !cpus.is_empty()) {
+            self.write("cpuset.cpus", cpus, "cpuset")?;
+        }
+        if let Some(mems) = cpu.mems().as_deref().filter(|mems| !mems.is_empty()) {
+            self.write("cpuset.mems", mems, "cpuset")?;
+        }
+        Ok(())
+    }
+
+    fn apply_pids(&self, pids: &LinuxPids) -> Result<(), CgroupError> {
+        let limit = pids.limit();
+        let value = if limit <= 0 {
+            "max".to_owned()
+        } else {
+            limit.to_string()
+        };
+        self.write("pids.max", &value, "pids")?;
+        Ok(())
+    }
+
+    /// io.weight and the io.max throttles.
+    fn apply_block_io(&self, block_io: &LinuxBlockIo) -> Result<(), CgroupError> {
+        if let Some(weight) = block_io.weight() {
+            self.write(
+                "io.weight",
+                &format!("default {}", blkio_weight_to_io_weight(weight)),
+                "io",
+            )?;
+        }
+        let throttles = [
+            ("rbps", block_io.throttle_read_bps_device()),
+            ("wbps", block_io.throttle_write_bps_device()),
+            ("riops", block_io.throttle_read_iops_device()),
+            ("wiops", block_io.throttle_write_iops_device()),
+        ];
+        for (key, devices) in throttles {
+            for device in devices.as_deref().unwrap_or_default() {
+                self.write(
+                    "io.max",
+                    &format!(
+                        "{}:{} {key}={}",
+                        device.major(),
+                        device.minor(),
+                        device.rate()
+                    ),
+                    "io",
+                )?;
+            }
         }
         Ok(())
     }
@@ -481,7 +503,7 @@ impl ContainerCgroup {
     /// Removes the container's directory, then every parent below the
     /// root that is left empty (the agent owns the whole tree in the VM).
     fn remove_dirs(&self) -> Result<(), CgroupError> {
-        let _tree = self.tree.lock().unwrap_or_else(PoisonError::into_inner);
+        let _tree = lock(&self.tree);
         match std::fs::remove_dir(&self.dir) {
             Ok(()) => {}
             Err(err) if err.kind() == io::ErrorKind::NotFound => {}

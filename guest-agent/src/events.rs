@@ -5,12 +5,13 @@
 //! runtime checks the counter again when a container's first process exits,
 //! so the OOM event comes before that exit.
 
+use crate::lock::lock;
 use crate::spawn::ProcessExit;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::broadcast;
 
@@ -197,10 +198,6 @@ impl OomWatcher {
             });
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn read_oom_kill(path: &Path) -> Option<u64> {

@@ -8,13 +8,11 @@ use nix::sys::reboot::RebootMode;
 use std::io::Write;
 use std::path::Path;
 
-/// Prefix of the line the host waits for. Host tests parse it; keep in sync
-/// with `microvm_guest_image::READY_LINE_PREFIX`.
-pub const READY_LINE_PREFIX: &str = "microvm-agent: ready uptime=";
+pub use microvm_proto::abi::console::READY_LINE_PREFIX;
 
-/// The kernel passes unknown `name=value` boot parameters (without a dot) to
-/// init as environment variables; this one asks for a console shell.
-pub const DEBUG_SHELL_ENV: &str = "microvm_debug_shell";
+/// The kernel command-line word (`<word>=1`) that asks for the debug shell;
+/// the kernel passes it to init as an environment variable.
+pub use microvm_proto::abi::cmdline::DEBUG_SHELL as DEBUG_SHELL_ENV;
 const DEBUG_SHELL: &str = "/bin/sh";
 
 /// A filesystem PID 1 mounts before anything else.

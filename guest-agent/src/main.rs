@@ -113,7 +113,7 @@ fn init_logging(filter: Option<&str>, pid1: bool) {
     let default = if pid1 { "warn" } else { "info" };
     let filter = filter
         .map(str::to_owned)
-        .or_else(|| std::env::var("microvm_agent_log").ok())
+        .or_else(|| std::env::var(microvm_proto::abi::cmdline::AGENT_LOG).ok())
         .unwrap_or_else(|| default.to_owned());
     // Targets ("info,microvm_agent=debug") rather than EnvFilter: no regex
     // engine in PID 1.
@@ -142,12 +142,26 @@ async fn run(args: Args, pid1: bool) -> anyhow::Result<()> {
         storage: Storage::new(&args.sysfs, &args.dev_dir),
         network: Network::default(),
         power_off: tokio::sync::Notify::new(),
+        clock: microvm_agent::clock::Clock::new(pid1),
     });
     let listen = if args.listen.is_empty() {
-        vec![Listen::Vsock(microvm_proto::AGENT_VSOCK_PORT)]
+        vec![Listen::Vsock(microvm_proto::abi::vsock::AGENT_PORT)]
     } else {
         args.listen.clone()
     };
+
+    // CRI port forwarding (issue #15): raw vsock, in the VM only. Its
+    // failure leaves the API serving: only port-forward breaks.
+    let port_forward = listen
+        .iter()
+        .any(|address| matches!(address, Listen::Vsock(_)))
+        .then(|| {
+            tokio::spawn(async {
+                if let Err(err) = microvm_agent::port_forward::serve_vsock().await {
+                    tracing::error!("{:#}", anyhow::Error::new(err));
+                }
+            })
+        });
 
     let stop = Arc::new(tokio::sync::Notify::new());
     let mut servers = tokio::task::JoinSet::new();
@@ -186,6 +200,9 @@ async fn run(args: Args, pid1: bool) -> anyhow::Result<()> {
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     stop.notify_waiters();
     servers.abort_all();
+    if let Some(port_forward) = port_forward {
+        port_forward.abort();
+    }
     for err in state.runtime.remove_all().await {
         tracing::warn!("removing a container at shutdown: {err}");
     }

@@ -46,12 +46,7 @@ impl RefusedPeers {
     /// Counts a refusal of `peer`; returns whether it was logged.
     pub fn record(&self, peer: VsockAddr, now: Instant) -> bool {
         let total = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
-        // A poisoned lock only means a panic elsewhere mid-update of an
-        // Option<Instant>: the value is still usable.
-        let mut last = self
-            .last_warning
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut last = crate::lock::lock(&self.last_warning);
         let due = last.is_none_or(|at| now.duration_since(at) >= WARN_INTERVAL);
         if due {
             *last = Some(now);

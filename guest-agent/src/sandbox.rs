@@ -6,7 +6,7 @@ use crate::runtime::{Runtime, RuntimeError};
 use crate::storage::Storage;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -115,18 +115,29 @@ fn validate_hostname(name: &str) -> Result<(), SandboxError> {
     }
 }
 
-fn write_sysctl(key: &str, value: &str) -> Result<(), SandboxError> {
-    let path = crate::oci::sysctl_path(key).ok_or_else(|| SandboxError::Invalid {
+/// Checks every sysctl first (only namespaced ones; all refused keys
+/// named), then writes them in order. The agent's namespaces are the VM's,
+/// which are the pod's.
+fn write_sysctls(sysctls: &[(String, String)]) -> Result<(), SandboxError> {
+    let checked = crate::sysctl::check(
+        sysctls
+            .iter()
+            .map(|(key, value)| (key.as_str(), value.as_str())),
+    )
+    .map_err(|err| SandboxError::Invalid {
         field: "sysctls".into(),
-        reason: format!("{key:?} is not a sysctl name"),
+        reason: err.to_string(),
     })?;
-    if !Path::new(&path).exists() {
-        return Err(SandboxError::NoSuchSysctl(key.to_owned()));
+    for ((key, value), (path, _)) in sysctls.iter().zip(checked) {
+        if !Path::new(&path).exists() {
+            return Err(SandboxError::NoSuchSysctl(key.to_owned()));
+        }
+        std::fs::write(&path, value).map_err(|source| SandboxError::Apply {
+            what: format!("sysctl {key}={value}"),
+            source,
+        })?;
     }
-    std::fs::write(&path, value).map_err(|source| SandboxError::Apply {
-        what: format!("sysctl {key}={value}"),
-        source,
-    })
+    Ok(())
 }
 
 impl Sandbox {
@@ -139,7 +150,7 @@ impl Sandbox {
     }
 
     fn current(&self) -> std::sync::MutexGuard<'_, Option<String>> {
-        self.current.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::lock::lock(&self.current)
     }
 
     pub fn files(&self) -> SandboxFiles {
@@ -166,9 +177,7 @@ impl Sandbox {
         }
         validate_hostname(&request.hostname)?;
         let resolv = resolv_conf(&request.dns)?;
-        for (key, value) in &request.sysctls {
-            write_sysctl(key, value)?;
-        }
+        write_sysctls(&request.sysctls)?;
         if !request.hostname.is_empty() {
             nix::unistd::sethostname(&request.hostname).map_err(|errno| SandboxError::Apply {
                 what: format!("hostname {}", request.hostname),
@@ -253,13 +262,22 @@ mod tests {
         assert!(validate_hostname("pod-1.example").is_ok());
         assert!(validate_hostname("bad host").is_err());
         assert!(validate_hostname(&"x".repeat(65)).is_err());
+        let one = |key: &str| write_sysctls(&[(key.to_owned(), "1".to_owned())]);
         assert!(matches!(
-            write_sysctl("no.such.sysctl.anywhere", "1"),
+            one("net.no.such.sysctl.anywhere"),
             Err(SandboxError::NoSuchSysctl(_))
         ));
-        assert!(matches!(
-            write_sysctl("../etc", "1"),
-            Err(SandboxError::Invalid { .. })
-        ));
+        assert!(matches!(one("../etc"), Err(SandboxError::Invalid { .. })));
+        // Not namespaced: refused by name before anything is written.
+        let refused = write_sysctls(&[
+            ("net.no.such.sysctl".to_owned(), "1".to_owned()),
+            ("kernel.panic".to_owned(), "1".to_owned()),
+        ])
+        .unwrap_err();
+        assert_eq!(refused.grpc_code(), tonic::Code::InvalidArgument);
+        assert!(
+            refused.to_string().contains("\"kernel.panic\""),
+            "{refused}"
+        );
     }
 }

@@ -30,21 +30,13 @@ pub struct AgentState {
     pub network: Network,
     /// Fired by PowerOff after its answer is on its way.
     pub power_off: tokio::sync::Notify,
+    /// The guest wall clock (settable only by the VM's init).
+    pub clock: crate::clock::Clock,
 }
 
 /// A gRPC status whose message is the whole error chain, once.
 pub fn status(code: tonic::Code, err: &dyn std::error::Error) -> Status {
-    let mut message = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        source = cause.source();
-    }
-    Status::new(code, message)
+    Status::new(code, microvm_errors::error_chain(err))
 }
 
 macro_rules! grpc_error {
@@ -190,6 +182,32 @@ impl api::sandbox_server::Sandbox for Services {
         Ok(Response::new(api::PowerOffResponse {}))
     }
 }
+
+// --- Clock (API 1.1, issue #15) ---
+#[tonic::async_trait]
+impl api::clock_server::Clock for Services {
+    async fn get_clock(
+        &self,
+        _request: Request<api::GetClockRequest>,
+    ) -> Result<Response<api::ClockReading>, Status> {
+        let realtime = crate::clock::realtime_nanos().map_err(|err| grpc_error!(err))?;
+        Ok(Response::new(api::ClockReading {
+            realtime_unix_nanos: realtime,
+        }))
+    }
+
+    async fn step_clock(
+        &self,
+        request: Request<api::StepClockRequest>,
+    ) -> Result<Response<api::ClockReading>, Status> {
+        let step = request.into_inner().step_nanos;
+        let realtime = self.0.clock.step(step).map_err(|err| grpc_error!(err))?;
+        Ok(Response::new(api::ClockReading {
+            realtime_unix_nanos: realtime,
+        }))
+    }
+}
+// --- end Clock ---
 
 fn container_status(status: ContainerStatus) -> api::ContainerStatus {
     match status {
@@ -786,8 +804,8 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     use api::{
-        containers_server::ContainersServer, events_server::EventsServer,
-        health_server::HealthServer, network_server::NetworkServer,
+        clock_server::ClockServer, containers_server::ContainersServer,
+        events_server::EventsServer, health_server::HealthServer, network_server::NetworkServer,
         processes_server::ProcessesServer, sandbox_server::SandboxServer,
         storage_server::StorageServer,
     };
@@ -803,7 +821,10 @@ pub async fn serve(
         .add_service(ProcessesServer::new(services.clone()).max_decoding_message_size(MAX_MESSAGE))
         .add_service(EventsServer::new(services.clone()))
         .add_service(StorageServer::new(services.clone()))
-        .add_service(NetworkServer::new(services));
+        .add_service(ClockServer::new(services.clone()))
+        .add_service(NetworkServer::new(services))
+        // microvm-ctl: guest metrics and the debug console.
+        .add_service(crate::debug::server());
     match listen {
         Listen::Unix(path) => {
             let name = format!("unix:{}", path.display());

@@ -5,7 +5,7 @@ use crate::oci::mounts::parse_options;
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -97,7 +97,7 @@ impl Storage {
     }
 
     fn mounts(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, String>> {
-        self.mounts.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::lock::lock(&self.mounts)
     }
 
     /// The block devices under sysfs/block, by name.

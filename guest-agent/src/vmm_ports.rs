@@ -4,13 +4,7 @@
 //! and costs one exit. Under QEMU nothing decodes these ports, so the writes
 //! are ignored.
 
-/// Boot timer: the VMM logs the time from VM start to this write.
-pub const BOOT_TIMER_PORT: u16 = 0x440;
-/// The value the boot timer expects (Firecracker's "boot complete" magic).
-pub const BOOT_TIMER_VALUE: u8 = 123;
-/// Guest shutdown: the VMM stops the VM on this write.
-pub const SHUTDOWN_PORT: u16 = 0x441;
-pub const SHUTDOWN_VALUE: u8 = 0;
+use microvm_proto::abi::ports::{BOOT_TIMER_MAGIC, BOOT_TIMER_PORT, SHUTDOWN_CLEAN, SHUTDOWN_PORT};
 
 /// Proof that this process may use `in`/`out`: only [`VmmPorts::acquire`]
 /// makes one, after `iopl(3)` succeeded.
@@ -39,11 +33,11 @@ impl VmmPorts {
     }
 
     pub fn signal_boot_done(&self) {
-        self.outb(BOOT_TIMER_PORT, BOOT_TIMER_VALUE);
+        self.outb(BOOT_TIMER_PORT, BOOT_TIMER_MAGIC);
     }
 
     pub fn signal_shutdown(&self) {
-        self.outb(SHUTDOWN_PORT, SHUTDOWN_VALUE);
+        self.outb(SHUTDOWN_PORT, SHUTDOWN_CLEAN);
     }
 
     #[cfg(target_arch = "x86_64")]

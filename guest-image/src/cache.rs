@@ -2,20 +2,9 @@
 
 use std::path::PathBuf;
 
-/// Overrides the cache root.
-pub const CACHE_DIR_ENV: &str = "MICROVM_CACHE_DIR";
-/// Cache root when [`CACHE_DIR_ENV`] is unset: outside the repo, so a fresh
-/// clone (CI) reuses what an earlier run on the same machine built.
-pub const DEFAULT_CACHE_DIR: &str = "/var/cache/microvm";
+pub use microvm_abi::image::{cache_root, CACHE_DIR_ENV, DEFAULT_CACHE_DIR};
 /// Overrides the repo root (where `kernel-config/` and `guest-image/` are).
 pub const REPO_DIR_ENV: &str = "MICROVM_REPO_DIR";
-
-pub fn cache_root() -> PathBuf {
-    match std::env::var_os(CACHE_DIR_ENV) {
-        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
-        _ => PathBuf::from(DEFAULT_CACHE_DIR),
-    }
-}
 
 /// The workspace root this crate was compiled from (the build scripts and
 /// the agent's sources live there), unless [`REPO_DIR_ENV`] says otherwise.

@@ -5,6 +5,7 @@
 use crate::kernel::KernelArtifacts;
 use crate::qemu::{self, BootOutcome, QemuBoot};
 use crate::{cache, qemu_cmdline};
+use microvm_errors::error_chain;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -251,17 +252,6 @@ fn ratio(numerator: Option<f64>, denominator: Option<f64>) -> String {
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 impl fmt::Display for Figures {

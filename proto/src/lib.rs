@@ -12,13 +12,30 @@ use tonic::{Request, Status};
 
 /// API version spoken by this build. A peer with another major is refused.
 pub const API_VERSION_MAJOR: u32 = 1;
-pub const API_VERSION_MINOR: u32 = 0;
+/// 1: the Clock service and the port-forward vsock port
+/// ([`abi::vsock::PORT_FORWARD_PORT`]).
+pub const API_VERSION_MINOR: u32 = 1;
 
 /// Metadata entry holding the client's API version, "<major>.<minor>".
 pub const API_VERSION_METADATA_KEY: &str = "microvm-agent-api-version";
 
-/// The vsock port the agent listens on inside the VM.
-pub const AGENT_VSOCK_PORT: u32 = 1024;
+/// The host↔guest contract beyond the gRPC API (ports, the ready line,
+/// the kernel command line, the shared directory).
+pub use microvm_abi as abi;
+
+// --- microvm-ctl: the Debug service (debug.proto) ---------------------------
+
+/// The largest console shell (a static busybox is about 2 MiB) the agent
+/// takes into a memfd.
+pub const CONSOLE_SHELL_MAX_BYTES: usize = 32 << 20;
+/// The console client sends the shell in chunks of this size.
+pub const CONSOLE_SHELL_CHUNK_BYTES: usize = 256 << 10;
+/// The agent reads the console's pty in chunks of at most this size.
+pub const CONSOLE_OUTPUT_CHUNK_BYTES: usize = 16 << 10;
+
+// --- end of microvm-ctl's block ---------------------------------------------
+
+pub mod port_forward;
 
 pub mod agent {
     pub mod v1 {

@@ -7,9 +7,10 @@
 use hyper_util::rt::TokioIo;
 use microvm_proto::agent::v1 as api;
 use microvm_proto::agent::v1::{
-    containers_client::ContainersClient, events_client::EventsClient, health_client::HealthClient,
-    network_client::NetworkClient, processes_client::ProcessesClient,
-    sandbox_client::SandboxClient, storage_client::StorageClient,
+    clock_client::ClockClient, containers_client::ContainersClient, debug_client::DebugClient,
+    events_client::EventsClient, health_client::HealthClient, network_client::NetworkClient,
+    processes_client::ProcessesClient, sandbox_client::SandboxClient,
+    storage_client::StorageClient,
 };
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -30,6 +31,9 @@ const MAX_REPLY: usize = 32;
 const STREAM_WINDOW: u32 = 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 const MAX_FRAME: u32 = 1024 * 1024;
+/// HTTP/2 pings towards the agent, and how long one may go unanswered.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -51,13 +55,38 @@ pub enum AgentError {
     Channel(#[source] tonic::transport::Error),
     #[error("agent health check failed: {0}")]
     Check(tonic::Status),
-    #[error("agent speaks API {agent}, this shim {shim}: major versions differ")]
+    #[error("version mismatch: the agent speaks API {agent}, this shim API {shim} (major versions differ); the guest image's agent and the shim must come from compatible releases: rebuild or reinstall the guest image (microvm-ctl install)")]
     Incompatible { agent: String, shim: String },
+}
+
+/// Connects to the unix socket `path` without following a symlink as its
+/// last component: the jailed VMM owns the socket's directory and could
+/// put a link to another pod's socket there. The socket is opened `O_PATH |
+/// O_NOFOLLOW`, checked to be a socket, and connected to through the fd's
+/// magic link, which names exactly that inode.
+async fn connect_no_follow(path: &Path) -> std::io::Result<UnixStream> {
+    use rustix::fs::{FileType, Mode, OFlags};
+    let fd = rustix::fs::open(
+        path,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let kind = FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode);
+    if kind != FileType::Socket {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("not a socket but a {kind:?}: refused, never followed"),
+        ));
+    }
+    use std::os::fd::AsRawFd;
+    let stream = UnixStream::connect(format!("/proc/self/fd/{}", fd.as_raw_fd())).await;
+    drop(fd);
+    stream
 }
 
 /// Opens one hybrid vsock connection to `port` in the guest.
 pub async fn connect_hybrid_vsock(path: &Path, port: u32) -> Result<UnixStream, AgentError> {
-    let mut stream = UnixStream::connect(path)
+    let mut stream = connect_no_follow(path)
         .await
         .map_err(|source| AgentError::Connect {
             path: path.to_path_buf(),
@@ -91,8 +120,9 @@ pub async fn connect_hybrid_vsock(path: &Path, port: u32) -> Result<UnixStream, 
     }
 }
 
-type Intercepted = InterceptedService<
-    Channel,
+pub(crate) type Intercepted = InterceptedService<
+    // microvm-ctl: agent RPC metrics; every call's deadline (deadline.rs).
+    crate::metrics::Timed<crate::deadline::Deadline<Channel>>,
     fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>,
 >;
 
@@ -110,6 +140,10 @@ pub struct AgentClient {
     pub events: EventsClient<Intercepted>,
     pub storage: StorageClient<Intercepted>,
     pub network: NetworkClient<Intercepted>,
+    /// microvm-ctl: guest metrics, the console policy.
+    pub debug: DebugClient<Intercepted>,
+    /// The guest wall clock (API 1.1, [`crate::clock`]).
+    pub clock: ClockClient<Intercepted>,
 }
 
 impl AgentClient {
@@ -117,6 +151,16 @@ impl AgentClient {
     /// The channel reconnects through the same handshake if the connection
     /// drops.
     pub async fn connect(path: &Path, port: u32) -> Result<Self, AgentError> {
+        Self::connect_with_deadline(path, port, crate::deadline::DEFAULT_CALL_TIMEOUT).await
+    }
+
+    /// [`Self::connect`], every call (but those that wait by design) failing
+    /// with DEADLINE_EXCEEDED after `call_timeout`.
+    pub async fn connect_with_deadline(
+        path: &Path,
+        port: u32,
+        call_timeout: Duration,
+    ) -> Result<Self, AgentError> {
         // Fail fast with the handshake's own error: tonic would wrap it.
         drop(connect_hybrid_vsock(path, port).await?);
         let socket = path.to_path_buf();
@@ -135,14 +179,25 @@ impl AgentClient {
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
+            // A guest that stops answering is noticed even on an idle
+            // connection.
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
             .connect_with_connector(connector)
             .await
             .map_err(AgentError::Channel)?;
-        Ok(Self::with_channel(channel))
+        Ok(Self::with_channel_and_deadline(channel, call_timeout))
     }
 
     pub fn with_channel(channel: Channel) -> Self {
+        Self::with_channel_and_deadline(channel, crate::deadline::DEFAULT_CALL_TIMEOUT)
+    }
+
+    pub fn with_channel_and_deadline(channel: Channel, call_timeout: Duration) -> Self {
         let interceptor = version_interceptor();
+        let channel = crate::deadline::Deadline::new(channel, call_timeout);
+        let channel = crate::metrics::Timed::new(channel); // microvm-ctl: agent RPC metrics
         Self {
             health: HealthClient::with_interceptor(channel.clone(), interceptor),
             sandbox: SandboxClient::with_interceptor(channel.clone(), interceptor),
@@ -150,7 +205,9 @@ impl AgentClient {
             processes: ProcessesClient::with_interceptor(channel.clone(), interceptor),
             events: EventsClient::with_interceptor(channel.clone(), interceptor),
             storage: StorageClient::with_interceptor(channel.clone(), interceptor),
-            network: NetworkClient::with_interceptor(channel, interceptor),
+            network: NetworkClient::with_interceptor(channel.clone(), interceptor),
+            clock: ClockClient::with_interceptor(channel.clone(), interceptor),
+            debug: DebugClient::with_interceptor(channel, interceptor),
         }
     }
 
@@ -187,6 +244,8 @@ pub(crate) mod tests {
     /// answers `CONNECT 1024` with `OK` and refuses every other port.
     pub(crate) struct FakeHealth {
         pub major: u32,
+        /// Never answers: a stalled agent.
+        pub stall: bool,
     }
 
     #[tonic::async_trait]
@@ -196,6 +255,9 @@ pub(crate) mod tests {
             request: tonic::Request<api::CheckRequest>,
         ) -> Result<tonic::Response<api::CheckResponse>, tonic::Status> {
             microvm_proto::check_client_api_version(request.metadata())?;
+            if self.stall {
+                std::future::pending::<()>().await;
+            }
             Ok(tonic::Response::new(api::CheckResponse {
                 agent_version: Some(api::ApiVersion {
                     major: self.major,
@@ -208,6 +270,19 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn serve_fake(socket: &Path, major: u32) -> tokio::task::JoinHandle<()> {
+        serve_fake_health(
+            socket,
+            FakeHealth {
+                major,
+                stall: false,
+            },
+        )
+    }
+
+    pub(crate) fn serve_fake_health(
+        socket: &Path,
+        health: FakeHealth,
+    ) -> tokio::task::JoinHandle<()> {
         let listener = UnixListener::bind(socket).unwrap();
         let (conn_tx, conn_rx) =
             tokio::sync::mpsc::unbounded_channel::<std::io::Result<UnixStream>>();
@@ -234,7 +309,7 @@ pub(crate) mod tests {
         tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::UnboundedReceiverStream::new(conn_rx);
             let _ = tonic::transport::Server::builder()
-                .add_service(HealthServer::new(FakeHealth { major }))
+                .add_service(HealthServer::new(health))
                 .serve_with_incoming(incoming)
                 .await;
         })
@@ -245,7 +320,7 @@ pub(crate) mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let socket = tmp.path().join("vs.sock");
         let server = serve_fake(&socket, microvm_proto::API_VERSION_MAJOR);
-        let client = AgentClient::connect(&socket, microvm_proto::AGENT_VSOCK_PORT)
+        let client = AgentClient::connect(&socket, microvm_proto::abi::vsock::AGENT_PORT)
             .await
             .unwrap();
         let response = client.check().await.unwrap();
@@ -256,12 +331,93 @@ pub(crate) mod tests {
         server.abort();
     }
 
+    /// The jailed VMM owns the socket dir: a link it plants there in place
+    /// of its socket (say, to another pod's) is refused, not followed.
+    #[tokio::test]
+    async fn a_symlink_in_place_of_the_socket_is_not_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let other_pod = tmp.path().join("other-vs.sock");
+        let server = serve_fake(&other_pod, microvm_proto::API_VERSION_MAJOR);
+        let planted = tmp.path().join("vs.sock");
+        std::os::unix::fs::symlink(&other_pod, &planted).unwrap();
+        let port = microvm_proto::abi::vsock::AGENT_PORT;
+        let err = AgentClient::connect(&planted, port).await.unwrap_err();
+        assert!(matches!(err, AgentError::Connect { .. }), "{err}");
+        let text = microvm_errors::error_chain(&err);
+        assert!(
+            text.contains("not a socket") || text.contains("symbolic link"),
+            "{text}"
+        );
+        // A regular file is refused too; the real socket still works.
+        std::fs::remove_file(&planted).unwrap();
+        std::fs::write(&planted, "").unwrap();
+        let err = AgentClient::connect(&planted, port).await.unwrap_err();
+        assert!(
+            microvm_errors::error_chain(&err).contains("not a socket"),
+            "{err}"
+        );
+        AgentClient::connect(&other_pod, port).await.unwrap();
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_stalled_agent_fails_the_call_within_its_deadline() {
+        let tmp = tempfile::tempdir().unwrap();
+        let socket = tmp.path().join("vs.sock");
+        let server = serve_fake_health(
+            &socket,
+            FakeHealth {
+                major: microvm_proto::API_VERSION_MAJOR,
+                stall: true,
+            },
+        );
+        let deadline = Duration::from_millis(300);
+        let client = AgentClient::connect_with_deadline(
+            &socket,
+            microvm_proto::abi::vsock::AGENT_PORT,
+            deadline,
+        )
+        .await
+        .unwrap();
+        let started = std::time::Instant::now();
+        let err = client.check().await.unwrap_err();
+        let AgentError::Check(status) = err else {
+            panic!("{err}");
+        };
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status}");
+        assert!(
+            status.message().contains("did not answer within"),
+            "{status}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(3));
+        assert!(started.elapsed() >= deadline);
+        server.abort();
+    }
+
+    #[test]
+    fn only_waiting_calls_are_exempt_from_the_deadline() {
+        use crate::deadline::is_exempt;
+        assert!(is_exempt("/microvm.agent.v1.Processes/WaitProcess"));
+        for unary in [
+            "CreateContainer",
+            "StartContainer",
+            "UpdateContainer",
+            "ContainerStats",
+            "ListPids",
+        ] {
+            assert!(!is_exempt(&format!("/microvm.agent.v1.Containers/{unary}")));
+        }
+        for unary in ["ExecProcess", "ResizeTty", "CloseStdin", "SignalProcess"] {
+            assert!(!is_exempt(&format!("/microvm.agent.v1.Processes/{unary}")));
+        }
+    }
+
     #[tokio::test]
     async fn incompatible_agent_is_refused() {
         let tmp = tempfile::tempdir().unwrap();
         let socket = tmp.path().join("vs.sock");
         let server = serve_fake(&socket, microvm_proto::API_VERSION_MAJOR + 1);
-        let client = AgentClient::connect(&socket, microvm_proto::AGENT_VSOCK_PORT)
+        let client = AgentClient::connect(&socket, microvm_proto::abi::vsock::AGENT_PORT)
             .await
             .unwrap();
         let err = client.check().await.unwrap_err();

@@ -71,7 +71,7 @@ pub fn apply(
     config: &mut Config,
     annotations: &HashMap<String, String>,
 ) -> Result<(), AnnotationError> {
-    apply_cri_sizing(config, annotations)?;
+    let cri = apply_cri_sizing(config, annotations)?;
     // Sorted: the first error is the same on every run.
     let mut overrides: Vec<(&String, &String)> = annotations
         .iter()
@@ -95,6 +95,73 @@ pub fn apply(
             });
         }
         apply_override(config, key, config_key, value)?;
+        check_bounds(config, &cri, key, config_key, value)?;
+    }
+    check_bounds(config, &cri, "", "", "")
+}
+
+/// What CRI's sandbox sizing allowed, when containerd sent it.
+#[derive(Debug, Default)]
+struct CriLimits {
+    vcpus: Option<u32>,
+    memory_mib: Option<u32>,
+}
+
+/// The VM stays within the node's maximum (`vm.max_vcpus`,
+/// `vm.max_memory_mib`, by default the host's size) and, when the pod has
+/// CRI limits, an override cannot go above what those limits gave.
+fn check_bounds(
+    config: &Config,
+    cri: &CriLimits,
+    key: &str,
+    config_key: &str,
+    value: &str,
+) -> Result<(), AnnotationError> {
+    let source = |default: &str| {
+        if key.is_empty() {
+            (default.to_owned(), String::new())
+        } else {
+            (key.to_owned(), value.to_owned())
+        }
+    };
+    let (vcpus, mib) = (config.vm.vcpus, config.vm.memory_mib);
+    if config_key.is_empty() || config_key == "vm.vcpus" {
+        let (key, value) = source(SANDBOX_CPU_QUOTA);
+        let node = config.vm.vcpu_limit();
+        if vcpus > node {
+            return Err(invalid(
+                &key,
+                &value,
+                format!("{vcpus} vCPUs is above this node's maximum of {node} (vm.max_vcpus)"),
+            ));
+        }
+        if let Some(limit) = cri.vcpus.filter(|limit| vcpus > *limit) {
+            return Err(invalid(
+                &key,
+                &value,
+                format!("{vcpus} vCPUs is above the pod's CPU limit ({limit} vCPUs)"),
+            ));
+        }
+    }
+    if config_key.is_empty() || config_key == "vm.memory_mib" {
+        let (key, value) = source(SANDBOX_MEMORY);
+        let node = config.vm.memory_limit_mib();
+        if mib > node {
+            return Err(invalid(
+                &key,
+                &value,
+                format!("{mib} MiB is above this node's maximum of {node} MiB (vm.max_memory_mib)"),
+            ));
+        }
+        if let Some(limit) = cri.memory_mib.filter(|limit| mib > *limit) {
+            return Err(invalid(
+                &key,
+                &value,
+                format!(
+                    "{mib} MiB is above the pod's memory limit plus the guest's base ({limit} MiB)"
+                ),
+            ));
+        }
     }
     Ok(())
 }
@@ -102,7 +169,8 @@ pub fn apply(
 fn apply_cri_sizing(
     config: &mut Config,
     annotations: &HashMap<String, String>,
-) -> Result<(), AnnotationError> {
+) -> Result<CriLimits, AnnotationError> {
+    let mut limits = CriLimits::default();
     let quota = annotations.get(SANDBOX_CPU_QUOTA);
     let period = annotations.get(SANDBOX_CPU_PERIOD);
     if let (Some(quota_text), Some(period_text)) = (quota, period) {
@@ -121,6 +189,7 @@ fn apply_cri_sizing(
                         format!("{vcpus} vCPUs (quota / period) is not in 1..={MAX_VCPUS}"),
                     )
                 })?;
+            limits.vcpus = Some(config.vm.vcpus);
         }
     }
     if let Some(text) = annotations.get(SANDBOX_MEMORY) {
@@ -131,9 +200,10 @@ fn apply_cri_sizing(
                 .ok()
                 .and_then(|mib| config.vm.memory_mib.checked_add(mib))
                 .ok_or_else(|| invalid(SANDBOX_MEMORY, text, "too large"))?;
+            limits.memory_mib = Some(config.vm.memory_mib);
         }
     }
-    Ok(())
+    Ok(limits)
 }
 
 fn apply_override(
@@ -251,12 +321,12 @@ mod tests {
     fn overrides_apply_after_cri_sizing() {
         let config = applied(&[
             (SANDBOX_MEMORY, "134217728"),
-            ("io.microvm.config.vm.memory_mib", "512"),
+            ("io.microvm.config.vm.memory_mib", "320"),
             ("io.microvm.config.vm.vcpus", "2"),
             ("io.microvm.config.vm.kernel_args", "loglevel=4 quiet"),
         ])
         .unwrap();
-        assert_eq!(config.vm.memory_mib, 512);
+        assert_eq!(config.vm.memory_mib, 320);
         assert_eq!(config.vm.vcpus, 2);
         assert_eq!(config.vm.kernel_args, "loglevel=4 quiet");
     }
@@ -295,6 +365,58 @@ mod tests {
         ])
         .unwrap_err();
         assert!(err.to_string().contains("vCPUs"), "{err}");
+    }
+
+    #[test]
+    fn the_vm_is_bounded_by_the_node_and_the_pods_limits() {
+        let mut config = Config::default();
+        config.vm.max_vcpus = 2;
+        config.vm.max_memory_mib = 1024;
+        let bounded = |pairs: &[(&str, &str)]| apply(&mut config.clone(), &annotations(pairs));
+        let err = bounded(&[("io.microvm.config.vm.vcpus", "64")]).unwrap_err();
+        assert!(err.to_string().contains("node's maximum of 2"), "{err}");
+        let err = bounded(&[("io.microvm.config.vm.memory_mib", "999999")]).unwrap_err();
+        assert!(
+            err.to_string().contains("io.microvm.config.vm.memory_mib"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("maximum of 1024 MiB"), "{err}");
+        // CRI sizing above the node's maximum is refused too, by its key.
+        let err = bounded(&[(SANDBOX_MEMORY, "4294967296")]).unwrap_err();
+        assert!(err.to_string().contains(SANDBOX_MEMORY), "{err}");
+        // A pod limited to 128Mi cannot ask for more by annotation.
+        let err = bounded(&[
+            (SANDBOX_MEMORY, "134217728"),
+            ("io.microvm.config.vm.memory_mib", "1000"),
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("pod's memory limit"), "{err}");
+        let err = bounded(&[
+            (SANDBOX_CPU_QUOTA, "100000"),
+            (SANDBOX_CPU_PERIOD, "100000"),
+            ("io.microvm.config.vm.vcpus", "2"),
+        ])
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("pod's CPU limit (1 vCPUs)"),
+            "{err}"
+        );
+        // Within both: fine.
+        bounded(&[
+            (SANDBOX_MEMORY, "134217728"),
+            ("io.microvm.config.vm.memory_mib", "300"),
+            ("io.microvm.config.vm.vcpus", "2"),
+        ])
+        .unwrap();
+        // The default maximum is the host's size.
+        let host = Config::default();
+        assert!(host.vm.vcpu_limit() >= 1 && host.vm.memory_limit_mib() >= 256);
+        let err = apply(
+            &mut Config::default(),
+            &annotations(&[("io.microvm.config.vm.memory_mib", "4000000000")]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("node's maximum"), "{err}");
     }
 
     #[test]

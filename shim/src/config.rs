@@ -92,6 +92,29 @@ pub struct Config {
     pub builtin: BuiltinConfig,
     pub annotations: AnnotationsConfig,
     pub network: NetworkConfig,
+    /// microvm-ctl's debug console.
+    pub console: ConsoleConfig,
+}
+
+/// `microvm-ctl console POD`: a shell in the pod's VM, outside every
+/// container. A door into the guest: off unless this says otherwise, and no
+/// pod annotation can turn it on (it is not an annotation key).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    pub enabled: bool,
+    /// A static shell binary (busybox-static's); microvm-ctl sends it to
+    /// the agent, which runs it from memory.
+    pub shell: PathBuf,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            shell: PathBuf::from("/bin/busybox"),
+        }
+    }
 }
 
 /// Which `io.microvm.config.<key>` pod annotations may override the config
@@ -124,6 +147,11 @@ pub struct NetworkConfig {
     pub allow_host_network: bool,
     /// The tap device created in the pod's network namespace.
     pub tap_name: String,
+    /// Caps on each pod's traffic, in bytes per second (0: none), from the
+    /// guest's side. Applied on the host (tbf qdiscs on the tap and the
+    /// veth), so they hold for both backends.
+    pub guest_rx_bytes_per_second: u64,
+    pub guest_tx_bytes_per_second: u64,
 }
 
 impl Default for NetworkConfig {
@@ -131,6 +159,8 @@ impl Default for NetworkConfig {
         Self {
             allow_host_network: false,
             tap_name: "tap0_microvm".into(),
+            guest_rx_bytes_per_second: 0,
+            guest_tx_bytes_per_second: 0,
         }
     }
 }
@@ -149,6 +179,40 @@ pub struct VmConfig {
     pub kernel_args: String,
     /// Boot the guest with `microvm_debug_shell=1` (debug initramfs only).
     pub debug_console: bool,
+    /// The largest VM a pod may get (annotations and CRI sizing included).
+    /// 0: the host's CPU count.
+    pub max_vcpus: u32,
+    /// 0: the host's memory (MemTotal).
+    pub max_memory_mib: u32,
+}
+
+impl VmConfig {
+    /// `max_vcpus`, or the host's CPU count; never above [`MAX_VCPUS`].
+    pub fn vcpu_limit(&self) -> u32 {
+        let limit = if self.max_vcpus == 0 {
+            std::thread::available_parallelism()
+                .map(|n| u32::try_from(n.get()).unwrap_or(MAX_VCPUS))
+                .unwrap_or(1)
+        } else {
+            self.max_vcpus
+        };
+        limit.min(MAX_VCPUS)
+    }
+
+    /// `max_memory_mib`, or the host's MemTotal.
+    pub fn memory_limit_mib(&self) -> u32 {
+        if self.max_memory_mib != 0 {
+            return self.max_memory_mib;
+        }
+        host_memory_mib().unwrap_or(u32::MAX)
+    }
+}
+
+fn host_memory_mib() -> Option<u32> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|line| line.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    u32::try_from(kib / 1024).ok()
 }
 
 impl Default for VmConfig {
@@ -160,6 +224,8 @@ impl Default for VmConfig {
             memory_mib: 256,
             kernel_args: String::new(),
             debug_console: false,
+            max_vcpus: 0,
+            max_memory_mib: 0,
         }
     }
 }
@@ -171,6 +237,9 @@ pub struct PathsConfig {
     pub state_dir: PathBuf,
     /// Per-pod guest console + agent log files.
     pub log_dir: PathBuf,
+    /// A pod's log moves to `<log>.1` (one older file kept) once it passes
+    /// this size, so a guest cannot fill the host's disk.
+    pub log_max_mib: u32,
     pub virtiofsd: PathBuf,
 }
 
@@ -179,6 +248,7 @@ impl Default for PathsConfig {
         Self {
             state_dir: PathBuf::from("/run/microvm"),
             log_dir: PathBuf::from("/var/log/microvm"),
+            log_max_mib: 16,
             virtiofsd: PathBuf::from("virtiofsd"),
         }
     }
@@ -191,6 +261,9 @@ pub struct TimeoutsConfig {
     pub boot_seconds: f64,
     /// From the ready line until the agent answers its health check.
     pub agent_seconds: f64,
+    /// The deadline of every agent call (Create, Start, Exec, Pids, ...);
+    /// only the calls that wait by design are exempt (deadline.rs).
+    pub call_seconds: f64,
 }
 
 impl Default for TimeoutsConfig {
@@ -198,6 +271,7 @@ impl Default for TimeoutsConfig {
         Self {
             boot_seconds: 60.0,
             agent_seconds: 10.0,
+            call_seconds: crate::deadline::DEFAULT_CALL_TIMEOUT.as_secs_f64(),
         }
     }
 }
@@ -209,6 +283,10 @@ impl TimeoutsConfig {
 
     pub fn agent(&self) -> Duration {
         Duration::from_secs_f64(self.agent_seconds)
+    }
+
+    pub fn call(&self) -> Duration {
+        Duration::from_secs_f64(self.call_seconds)
     }
 }
 
@@ -253,9 +331,9 @@ pub struct BuiltinConfig {
     /// inherited fds, empty environment). Turning it off is this explicit
     /// flag.
     pub jail: bool,
-    /// With the jail: the uid/gid the VMM drops to. 0 keeps it root inside
-    /// the jail (for hosts where the drop cannot work). Every pod's VMM may
-    /// share them: each is alone in its PID namespace, so it cannot signal
+    /// With the jail: the uid/gid the VMM drops to; not 0 (refused, as for
+    /// QEMU: a root VMM is what the jail is for). Every pod's VMM may share
+    /// them: each is alone in its PID namespace, so it cannot signal
     /// another.
     pub jail_uid: u32,
     pub jail_gid: u32,
@@ -273,8 +351,8 @@ impl Default for BuiltinConfig {
 }
 
 impl BuiltinConfig {
-    /// The uid and gid the jailed VMM drops to; `None` keeps that one root
-    /// (0, or no jail).
+    /// The uid and gid the jailed VMM drops to; `None` without the jail
+    /// (or for a 0 that [`Config::validate`] refuses).
     pub fn jail_ids(&self) -> (Option<u32>, Option<u32>) {
         if !self.jail {
             return (None, None);
@@ -348,9 +426,25 @@ impl Config {
                 ),
             ));
         }
+        if self.vm.max_vcpus > MAX_VCPUS {
+            return Err(invalid(
+                "vm.max_vcpus",
+                format!("{} is above {MAX_VCPUS}", self.vm.max_vcpus),
+            ));
+        }
+        if self.vm.max_memory_mib != 0 && self.vm.max_memory_mib < MIN_MEMORY_MIB {
+            return Err(invalid(
+                "vm.max_memory_mib",
+                format!(
+                    "{} is below the minimum of {MIN_MEMORY_MIB}",
+                    self.vm.max_memory_mib
+                ),
+            ));
+        }
         for (key, seconds) in [
             ("timeouts.boot_seconds", self.timeouts.boot_seconds),
             ("timeouts.agent_seconds", self.timeouts.agent_seconds),
+            ("timeouts.call_seconds", self.timeouts.call_seconds),
         ] {
             if !(seconds.is_finite() && seconds > 0.0 && seconds <= 3600.0) {
                 return Err(invalid(key, format!("{seconds} is not in (0, 3600]")));
@@ -367,6 +461,12 @@ impl Config {
                 ));
             }
         }
+        if !(1..=4096).contains(&self.paths.log_max_mib) {
+            return Err(invalid(
+                "paths.log_max_mib",
+                format!("{} is not in 1..=4096", self.paths.log_max_mib),
+            ));
+        }
         if self.vm.kernel_args.contains('\n') {
             return Err(invalid("vm.kernel_args", "has a newline".into()));
         }
@@ -381,15 +481,30 @@ impl Config {
                 ));
             }
         }
-        if self.qemu.jail {
-            for (key, id) in [
-                ("qemu.jail_uid", self.qemu.jail_uid),
-                ("qemu.jail_gid", self.qemu.jail_gid),
-            ] {
-                if id == 0 {
+        let jails = [
+            (
+                self.qemu.jail,
+                "qemu",
+                "QEMU",
+                self.qemu.jail_uid,
+                self.qemu.jail_gid,
+            ),
+            (
+                self.builtin.jail,
+                "builtin",
+                "VMM",
+                self.builtin.jail_uid,
+                self.builtin.jail_gid,
+            ),
+        ];
+        for (jailed, section, what, uid, gid) in jails {
+            for (key, id) in [("jail_uid", uid), ("jail_gid", gid)] {
+                if jailed && id == 0 {
                     return Err(invalid(
-                        key,
-                        "0 would leave the jailed QEMU root; set qemu.jail = false to run it unconfined".into(),
+                        &format!("{section}.{key}"),
+                        format!(
+                            "0 would leave the jailed {what} root; set {section}.jail = false to run it unconfined"
+                        ),
                     ));
                 }
             }
@@ -507,11 +622,18 @@ mod tests {
     }
 
     #[test]
-    fn builtin_vmm_drops_to_nobody_unless_0_or_no_jail() {
+    fn builtin_vmm_drops_to_nobody_and_a_jail_never_keeps_it_root() {
         let config = Config::default();
         assert_eq!(config.builtin.jail_ids(), (Some(65534), Some(65534)));
-        let config = parse("[builtin]\njail_uid = 0\njail_gid = 1001\n").unwrap();
-        assert_eq!(config.builtin.jail_ids(), (None, Some(1001)));
+        let config = parse("[builtin]\njail_uid = 1000\njail_gid = 1001\n").unwrap();
+        assert_eq!(config.builtin.jail_ids(), (Some(1000), Some(1001)));
+        for key in ["jail_uid", "jail_gid"] {
+            let err = error_of(&format!("[builtin]\n{key} = 0\n"));
+            assert!(err.contains(&format!("`builtin.{key}`")), "{err}");
+            assert!(err.contains("builtin.jail = false"), "{err}");
+        }
+        let config = parse("[builtin]\njail = false\njail_uid = 0\n").unwrap();
+        assert_eq!(config.builtin.jail_ids(), (None, None));
         let config = parse("[builtin]\njail = false\n").unwrap();
         assert_eq!(config.builtin.jail_ids(), (None, None));
         let err = error_of("[builtin]\njail_uid = -1\n");

@@ -23,8 +23,30 @@ fn tune_malloc() {
     }
 }
 
+/// A panic in a task would otherwise vanish (containerd points the shim's
+/// stderr at /dev/null) and leave the call it served waiting for ever: it
+/// goes to the shim's log, containerd's, with where it happened.
+fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let location = info
+            .location()
+            .map(|at| format!(" at {}:{}", at.file(), at.line()))
+            .unwrap_or_default();
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|text| (*text).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".to_owned());
+        tracing::error!("panic{location}: {message}");
+        eprintln!("{RUNTIME_ID}: panic{location}: {message}");
+    }));
+}
+
 fn main() {
+    microvm_shim::version::answer_and_exit_if_asked(); // microvm-ctl issue: -v / --help
     tune_malloc();
+    log_panics();
     // One thread runs every task: a shim serves one pod, its work is I/O
     // bound, and each runtime thread costs resident memory. It also keeps
     // the VM processes' parent-death signal tied to a thread that lives as

@@ -6,9 +6,10 @@
 
 use crate::agent::{AgentClient, AgentError};
 use crate::config::{BackendKind, Config};
-use crate::network::{NetworkError, PodNetwork, TapOwner};
+use crate::network::{Bandwidth, NetworkError, PodNetwork, TapOwner};
 use crate::rootfs::{self, RootfsError};
-use crate::vm::cgroup::{CgroupError, HostCgroup};
+use crate::vm::cgroup::{CgroupError, PodCgroups};
+use crate::vm::console::PodLog;
 use crate::vm::layout::{PodLayout, GUEST_SHARED_DIR, SHARED_FS_TAG};
 use crate::vm::supervisor::{ExitWatch, LaunchError, PodVm};
 use crate::vm::{self, BackendError, PodVmSpec, VmNic};
@@ -53,21 +54,30 @@ pub enum BootError {
         last_error: String,
         log: String,
     },
-    #[error("the agent refused the sandbox: {0}")]
+    #[error("the agent refused the sandbox: {}", agent_status(.0))]
     Sandbox(tonic::Status),
-    #[error("the agent could not mount the shared directory: {0}")]
+    #[error("the agent could not mount the shared directory: {}", agent_status(.0))]
     MountShared(tonic::Status),
     #[error("placing the VM in the pod's host cgroup")]
     Cgroup(#[source] CgroupError),
     #[error("connecting the pod's network namespace to the VM")]
     Network(#[source] NetworkError),
-    #[error("the agent could not configure the guest network ({step}): {status}")]
+    #[error(
+        "the agent could not configure the guest network ({step}): {}",
+        agent_status(status)
+    )]
     GuestNetwork {
         step: &'static str,
         status: tonic::Status,
     },
     #[error("pod {0} asks for the host's network (hostNetwork: its sandbox has no network namespace); a microVM cannot share the host's network namespace. Set network.allow_host_network = true in the shim config to run such pods with loopback only")]
     HostNetworkRefused(String),
+}
+
+/// An agent's refusal as people read it: its message, then its code
+/// (tonic's Display quotes and escapes the message).
+fn agent_status(status: &tonic::Status) -> String {
+    format!("{} ({:?})", status.message(), status.code())
 }
 
 /// What the pod's sandbox spec (its first container) says about the pod.
@@ -79,8 +89,8 @@ pub struct PodSettings {
     pub host_network: bool,
     pub hostname: String,
     pub sysctls: HashMap<String, String>,
-    /// The sandbox's host cgroup (cgroupfs path), where the VM's host
-    /// processes run.
+    /// The sandbox's host cgroup (a cgroupfs or systemd-driver path),
+    /// where the VM's host processes run.
     pub cgroups_path: Option<String>,
 }
 
@@ -131,9 +141,13 @@ pub struct Pod {
     pub settings: PodSettings,
     /// The tap and redirects in the pod's netns, removed at shutdown.
     pub network: Option<PodNetwork>,
-    /// The VM's host cgroup, removed at shutdown.
-    cgroup: Option<HostCgroup>,
+    /// The VM's host cgroups, removed at shutdown.
+    cgroup: Option<PodCgroups>,
     vm: Mutex<PodVm>,
+    /// Keeps the guest clock on the host's while the pod lives.
+    clock: std::sync::OnceLock<crate::clock::SyncTask>,
+    /// CRI PortForward: the pod netns's loopback carried to the VM.
+    port_forward: std::sync::OnceLock<crate::port_forward::PortForwarder>,
 }
 
 impl Pod {
@@ -161,31 +175,38 @@ impl Pod {
             layout.log_file.display()
         );
         let started = Instant::now();
-        crate::shim::record_shim(&layout);
+        crate::pod_files::record_shim(&layout);
         if let Err(err) = rootfs::prepare_shared_dir(&layout) {
             rootfs::remove_mounted_tree(&layout.dir);
             return Err(BootError::Shared(err));
         }
-        let cgroup = match settings.cgroups_path.as_deref().map(HostCgroup::create) {
-            Some(Ok(cgroup)) => {
+        let cgroup = match PodCgroups::create(
+            settings.cgroups_path.as_deref(),
+            namespace,
+            &layout.unique_name(),
+        ) {
+            Ok(cgroup) => {
                 cgroup.record(&layout.cgroups_file());
                 Some(cgroup)
             }
-            Some(Err(CgroupError::Unsupported(path))) => {
-                tracing::warn!(
-                    "pod {pod_id}: cgroups path {path:?} is not a cgroupfs path; the VM stays in the shim's cgroup"
-                );
-                None
-            }
-            Some(Err(err)) => {
+            Err(err) => {
                 rootfs::remove_mounted_tree(&layout.dir);
                 return Err(BootError::Cgroup(err));
             }
-            None => None,
         };
         let network = match &settings.netns {
             Some(netns) => {
-                match attach_network(netns, &config.network.tap_name, tap_owner(config)).await {
+                let bandwidth = Bandwidth {
+                    guest_rx_bytes_per_second: config.network.guest_rx_bytes_per_second,
+                    guest_tx_bytes_per_second: config.network.guest_tx_bytes_per_second,
+                };
+                let attached = attach_network(
+                    netns,
+                    &config.network.tap_name,
+                    tap_owner(config),
+                    bandwidth,
+                );
+                match attached.await {
                     Ok(network) => Some(network),
                     Err(err) => {
                         rootfs::remove_mounted_tree(&layout.dir);
@@ -205,7 +226,9 @@ impl Pod {
             memory_mib: config.vm.memory_mib,
             debug_console: config.vm.debug_console,
             virtiofsd: config.paths.virtiofsd.clone(),
-            host_cgroup: cgroup.as_ref().and(settings.cgroups_path.clone()),
+            host_cgroup: cgroup
+                .as_ref()
+                .map(|cgroup| cgroup.pod_relative().to_path_buf()),
             nic: network.as_ref().map(|network| VmNic {
                 netns: network.netns.clone(),
                 tap: network.tap.clone(),
@@ -231,11 +254,14 @@ impl Pod {
                     network,
                     cgroup,
                     vm: Mutex::new(vm),
+                    clock: std::sync::OnceLock::new(),
+                    port_forward: std::sync::OnceLock::new(),
                 };
                 if let Err(err) = pod.set_up_sandbox().await {
                     pod.shutdown().await;
                     return Err(err);
                 }
+                pod.start_port_forward();
                 tracing::info!(
                     "pod {pod_id}: ready (host processes {:?}, guest boot {:?}, agent {:?})",
                     times.launch,
@@ -257,10 +283,17 @@ impl Pod {
         config: &Config,
         layout: &PodLayout,
         plan: Vec<vm::ProcessSpec>,
-        cgroup: Option<&HostCgroup>,
+        cgroup: Option<&PodCgroups>,
         started: Instant,
     ) -> Result<(PodVm, AgentClient, BootTimes), BootError> {
-        let mut vm = PodVm::launch(plan, layout, config.timeouts.boot(), cgroup)
+        let log = PodLog::open(&layout.log_file, u64::from(config.paths.log_max_mib) << 20)
+            .map_err(|source| {
+                BootError::Launch(LaunchError::Prepare {
+                    path: layout.log_file.clone(),
+                    source,
+                })
+            })?;
+        let mut vm = PodVm::launch(plan, layout, config.timeouts.boot(), cgroup, log)
             .await
             .map_err(BootError::Launch)?;
         let launched = started.elapsed();
@@ -281,7 +314,40 @@ impl Pod {
         }
     }
 
+    /// Port forwarding is best effort: without it (no iptables on the
+    /// node) only `kubectl port-forward` breaks, so the pod still runs.
+    fn start_port_forward(&self) {
+        let Some(network) = &self.network else {
+            return;
+        };
+        match crate::port_forward::PortForwarder::start(
+            &self.id,
+            &network.netns,
+            self.layout.agent_socket(),
+        ) {
+            Ok(forwarder) => {
+                let _ = self.port_forward.set(forwarder);
+            }
+            Err(err) => {
+                tracing::warn!("pod {}: no port forwarding: {}", self.id, error_chain(&err))
+            }
+        }
+    }
+
     async fn set_up_sandbox(&self) -> Result<(), BootError> {
+        // The guest's wall clock before anything in it reads the time. A
+        // failure (an agent older than API 1.1) costs only timestamps.
+        match crate::clock::sync(&self.agent.clock).await {
+            Ok(step_nanos) => tracing::info!(
+                "pod {}: guest clock set (stepped by {step_nanos} ns)",
+                self.id
+            ),
+            Err(err) => tracing::warn!("pod {}: guest clock not set: {err}", self.id),
+        }
+        let _ = self.clock.set(crate::clock::SyncTask::start(
+            &self.id,
+            self.agent.clock.clone(),
+        ));
         self.agent
             .sandbox
             .clone()
@@ -354,10 +420,22 @@ impl Pod {
         if let Err(err) = tokio::time::timeout(Duration::from_secs(2), power_off).await {
             tracing::debug!("agent power-off did not answer: {err}");
         }
+        self.shutdown_without_agent().await;
+    }
+
+    /// Stops every host process of the VM now (the VM died: its agent is
+    /// not asked anything). Idempotent.
+    pub async fn stop_processes(&self) {
         self.vm.lock().await.shutdown().await;
+    }
+
+    /// [`Self::shutdown`] without the power-off call: for a dead VM.
+    pub async fn shutdown_without_agent(&self) {
+        self.stop_processes().await;
         detach_network(self.network.as_ref()).await;
         remove_cgroup(self.cgroup.as_ref()).await;
         rootfs::remove_mounted_tree(&self.layout.dir);
+        crate::pod_files::remove_logs(&self.layout.log_file);
         tracing::info!("pod {}: VM stopped and state removed", self.id);
     }
 }
@@ -377,10 +455,15 @@ fn tap_owner(config: &Config) -> TapOwner {
 
 /// Creates the tap in the pod's netns and redirects the veth to it. The
 /// netlink work blocks (it runs on a thread of its own in the netns).
-async fn attach_network(netns: &Path, tap: &str, owner: TapOwner) -> Result<PodNetwork, BootError> {
+async fn attach_network(
+    netns: &Path,
+    tap: &str,
+    owner: TapOwner,
+    bandwidth: Bandwidth,
+) -> Result<PodNetwork, BootError> {
     let path = netns.to_path_buf();
     let tap = tap.to_owned();
-    tokio::task::spawn_blocking(move || PodNetwork::attach_owned_by(&path, &tap, owner))
+    tokio::task::spawn_blocking(move || PodNetwork::attach_with(&path, &tap, owner, bandwidth))
         .await
         .map_err(|_| {
             BootError::Network(NetworkError::ThreadPanicked {
@@ -404,7 +487,7 @@ async fn detach_network(network: Option<&PodNetwork>) {
 }
 
 /// Removes the VM's host cgroup (it may retry briefly: off the runtime).
-async fn remove_cgroup(cgroup: Option<&HostCgroup>) {
+async fn remove_cgroup(cgroup: Option<&PodCgroups>) {
     if let Some(cgroup) = cgroup.cloned() {
         let _ = tokio::task::spawn_blocking(move || cgroup.remove()).await;
     }
@@ -421,16 +504,17 @@ async fn wait_for_agent(
     let started = Instant::now();
     let log = layout.log_file.display().to_string();
     let mut ready_at: Option<Instant> = None;
+    let ready = vm.log().ready();
     loop {
         if let Some(exit) = vm.any_exited() {
             return Err(BootError::VmExited {
                 name: exit.name,
                 status: exit.status,
                 log,
-                tail: console_tail(&layout.log_file),
+                tail: vm.log().tail(CONSOLE_TAIL_LINES),
             });
         }
-        if ready_at.is_none() && console_has_ready_line(&layout.log_file) {
+        if ready_at.is_none() && *ready.borrow() {
             ready_at = Some(Instant::now());
         }
         // Dial only once the agent says it is up: a vsock CONNECT that
@@ -440,9 +524,12 @@ async fn wait_for_agent(
             "the agent's ready line is not on the console yet".to_owned()
         } else {
             let attempt = tokio::time::timeout(AGENT_ATTEMPT_TIMEOUT, async {
-                let agent =
-                    AgentClient::connect(&layout.agent_socket(), microvm_proto::AGENT_VSOCK_PORT)
-                        .await?;
+                let agent = AgentClient::connect_with_deadline(
+                    &layout.agent_socket(),
+                    microvm_proto::abi::vsock::AGENT_PORT,
+                    config.timeouts.call(),
+                )
+                .await?;
                 agent.check().await?;
                 Ok::<_, AgentError>(agent)
             })
@@ -469,7 +556,7 @@ async fn wait_for_agent(
                 return Err(BootError::BootTimeout {
                     timeout: config.timeouts.boot(),
                     log,
-                    tail: console_tail(&layout.log_file),
+                    tail: vm.log().tail(CONSOLE_TAIL_LINES),
                 });
             }
             _ => tokio::time::sleep(AGENT_RETRY).await,
@@ -477,34 +564,8 @@ async fn wait_for_agent(
     }
 }
 
-fn console_has_ready_line(log: &Path) -> bool {
-    std::fs::read(log)
-        .map(|bytes| {
-            let needle = microvm_guest_image::READY_LINE_PREFIX.as_bytes();
-            bytes.windows(needle.len()).any(|window| window == needle)
-        })
-        .unwrap_or(false)
-}
-
-fn console_tail(log: &Path) -> String {
-    let text = std::fs::read(log)
-        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
-        .unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..].join("\n")
-}
-
-/// `err: source: source...`, once.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+/// `err: source: source...`, each level once (one helper for every crate).
+pub use microvm_errors::error_chain;
 
 #[cfg(test)]
 mod tests {
@@ -572,7 +633,9 @@ mod tests {
         );
         assert!(message.contains("guest kernel panic"), "{message}");
         assert!(!config.paths.state_dir.join("ns/pod").exists());
-        assert!(rootfs::mounts_under(tmp.path()).is_empty());
+        assert!(microvm_host::mountinfo::mounts_under(tmp.path())
+            .unwrap()
+            .is_empty());
     }
 
     #[tokio::test]
@@ -602,7 +665,11 @@ mod tests {
         let err = Pod::boot(&config, "ns", "pod", PodSettings::default())
             .await
             .unwrap_err();
-        assert!(matches!(err, BootError::AgentTimeout { .. }), "{err}");
+        assert!(
+            matches!(err, BootError::AgentTimeout { .. }),
+            "{}",
+            error_chain(&err)
+        );
         assert!(!config.paths.state_dir.join("ns/pod").exists());
     }
 }

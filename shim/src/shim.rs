@@ -3,11 +3,10 @@
 //! what a dead shim left: VM processes, mounts, sockets, state). A serving
 //! shim that gets SIGTERM or SIGINT stops its pod VM and exits.
 
-use crate::config::{Config, CONFIG_PATH_ENV};
+use crate::config::CONFIG_PATH_ENV;
 use crate::events::{self, EventQueue};
-use crate::service::{config_path_from_options, pod_id_of, TaskService, POD_DIR_FILE};
-use crate::vm::supervisor::{kill_recorded, process_start_time, still_running};
-use crate::{rootfs, vm::layout::PodLayout};
+use crate::pod_files::{cleanup_after_dead_shim, pod_id_of, stop_own_pod};
+use crate::service::{config_path_from_options, TaskService};
 use async_trait::async_trait;
 use containerd_shim::asynchronous::publisher::RemotePublisher;
 use containerd_shim::asynchronous::{ExitSignal, Shim};
@@ -23,8 +22,6 @@ use tracing_subscriber::filter::Targets;
 use tracing_subscriber::reload;
 
 pub const RUNTIME_ID: &str = "io.containerd.microvm.v2";
-/// In the pod dir: the serving shim's pid and start time.
-pub const SHIM_PID_FILE: &str = "shim.pid";
 /// Exit status `delete` reports for a task whose shim died (SIGKILL).
 const KILLED_EXIT_STATUS: u32 = 128 + 9;
 /// How long `start` waits for the new shim to listen.
@@ -270,7 +267,7 @@ fn socket_alive(address: &str) -> bool {
 async fn start(opts: StartOpts, bundle: &Path) -> containerd_shim::Result<String> {
     let spec = oci_spec::runtime::Spec::load(bundle.join("config.json"))
         .map_err(|err| shim_error(format!("reading the bundle's config.json: {err}")))?;
-    let pod_id = pod_id_of(&spec, &opts.id);
+    let pod_id = pod_id_of(&spec, &opts.id).map_err(|err| shim_error(err.to_string()))?;
     let address = containerd_shim::socket_address(&opts.address, &opts.namespace, &pod_id);
     let write_address = |address: &str| {
         std::fs::write(bundle.join("address"), address)
@@ -358,80 +355,6 @@ fn config_path_from_stdin() -> Option<PathBuf> {
     config_path_from_options(Some(&any))
 }
 
-/// Records the serving shim in the pod dir (for [`cleanup_after_dead_shim`]).
-pub fn record_shim(layout: &PodLayout) {
-    let pid = std::process::id();
-    if let Some(start_time) = process_start_time(pid) {
-        let _ = std::fs::create_dir_all(&layout.dir);
-        if let Err(err) = std::fs::write(
-            layout.dir.join(SHIM_PID_FILE),
-            format!("{pid} {start_time}\n"),
-        ) {
-            tracing::warn!("cannot record the shim pid: {err}");
-        }
-    }
-}
-
-fn shim_alive(pod_dir: &Path) -> bool {
-    let text = std::fs::read_to_string(pod_dir.join(SHIM_PID_FILE)).unwrap_or_default();
-    let mut words = text.split_whitespace();
-    let pid = words.next().and_then(|w| w.parse::<u32>().ok());
-    let start_time = words.next().and_then(|w| w.parse::<u64>().ok());
-    match (pid, start_time) {
-        (Some(pid), Some(start_time)) => {
-            pid != std::process::id() && still_running(pid, start_time)
-        }
-        _ => false,
-    }
-}
-
-/// The pod directories this serving shim may have made: the one recorded in
-/// its bundle once a container was created, and the one its config names
-/// (a signal can arrive while the first container's VM still boots).
-fn own_pod_dirs(bundle: &Path, namespace: &str, container_id: &str) -> Vec<PathBuf> {
-    let mut dirs = Vec::new();
-    if let Ok(recorded) = std::fs::read(bundle.join(POD_DIR_FILE)) {
-        dirs.push(PathBuf::from(
-            String::from_utf8_lossy(&recorded).into_owned(),
-        ));
-    }
-    let spec = oci_spec::runtime::Spec::load(bundle.join("config.json"));
-    if let (Ok(spec), Ok(config)) = (spec, Config::load(None)) {
-        let pod_id = pod_id_of(&spec, container_id);
-        let layout = PodLayout::new(
-            &config.paths.state_dir,
-            &config.paths.log_dir,
-            namespace,
-            &pod_id,
-        );
-        if !dirs.contains(&layout.dir) {
-            dirs.push(layout.dir);
-        }
-    }
-    dirs
-}
-
-/// Stops this shim's pod without the agent: kills the VM's recorded host
-/// processes, unmounts and removes the pod's state. Blocking (it waits
-/// until each killed process is gone). Returns the pod dirs it removed.
-pub fn stop_own_pod(bundle: &Path, namespace: &str, container_id: &str) -> Vec<PathBuf> {
-    let mut removed = Vec::new();
-    for dir in own_pod_dirs(bundle, namespace, container_id) {
-        if !dir.exists() {
-            continue;
-        }
-        let layout = PodLayout {
-            dir: dir.clone(),
-            log_file: PathBuf::new(),
-        };
-        let killed = kill_recorded(&layout.pid_dir());
-        tracing::info!("killed {killed:?}, removing {}", dir.display());
-        rootfs::remove_mounted_tree(&dir);
-        removed.push(dir);
-    }
-    removed
-}
-
 /// Bounds the exit after a stop signal: the crate shuts its server down
 /// once `wait` returns, which can wait on requests that never finish.
 fn exit_after_grace(socket: String) {
@@ -443,82 +366,9 @@ fn exit_after_grace(socket: String) {
     });
 }
 
-/// What `delete` does. With the pod's shim gone: kills the VM's host
-/// processes, unmounts and removes the pod's state. With it alive (another
-/// container of the pod still runs): removes this container's files only.
-pub fn cleanup_after_dead_shim(bundle: &Path, container_id: &str) {
-    let Ok(pod_dir) = std::fs::read(bundle.join(POD_DIR_FILE)) else {
-        tracing::info!("delete {container_id}: no pod recorded in the bundle; nothing to clean");
-        return;
-    };
-    let pod_dir = PathBuf::from(String::from_utf8_lossy(&pod_dir).into_owned());
-    let layout = PodLayout {
-        dir: pod_dir.clone(),
-        log_file: PathBuf::new(),
-    };
-    if shim_alive(&pod_dir) {
-        tracing::info!(
-            "delete {container_id}: the pod's shim lives; removing the container's files"
-        );
-        rootfs::remove_mounted_tree(&layout.container_dir(container_id));
-    } else {
-        let killed = kill_recorded(&layout.pid_dir());
-        tracing::info!(
-            "delete {container_id}: the pod's shim is gone; killed {killed:?}, removing {}",
-            pod_dir.display()
-        );
-        crate::vm::cgroup::remove_recorded(&layout.cgroups_file());
-        rootfs::remove_mounted_tree(&pod_dir);
-    }
-    let _ = std::fs::remove_file(bundle.join(POD_DIR_FILE));
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A bundle and a pod dir whose recorded VMM (`qemu`) is a live
-    /// `sleep`.
-    fn pod_with_a_recorded_vmm(tmp: &Path) -> (std::path::PathBuf, PodLayout, std::process::Child) {
-        let bundle = tmp.join("bundle");
-        std::fs::create_dir_all(&bundle).unwrap();
-        let layout = PodLayout {
-            dir: tmp.join("state/ns/pod"),
-            log_file: tmp.join("pod.log"),
-        };
-        std::fs::create_dir_all(layout.pid_dir()).unwrap();
-        std::fs::create_dir_all(layout.socket_dir()).unwrap();
-        let vmm = std::process::Command::new("sleep")
-            .arg("60")
-            .spawn()
-            .unwrap();
-        let start = process_start_time(vmm.id()).unwrap();
-        std::fs::write(
-            layout.pid_dir().join("qemu"),
-            format!("{} {start}", vmm.id()),
-        )
-        .unwrap();
-        (bundle, layout, vmm)
-    }
-
-    #[test]
-    fn cleanup_kills_the_recorded_vm_and_removes_the_pod_dir() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (bundle, layout, mut vmm) = pod_with_a_recorded_vmm(tmp.path());
-        std::fs::create_dir_all(layout.container_dir("c1")).unwrap();
-        std::fs::write(layout.agent_socket(), "").unwrap();
-        // The shim that recorded itself is dead: a pid that is not running.
-        std::fs::write(layout.dir.join(SHIM_PID_FILE), "4194303 1").unwrap();
-        std::fs::write(bundle.join(POD_DIR_FILE), layout.dir.to_str().unwrap()).unwrap();
-
-        let reaper = std::thread::spawn(move || vmm.wait().unwrap());
-        cleanup_after_dead_shim(&bundle, "c1");
-        assert!(!reaper.join().unwrap().success(), "the VMM was killed");
-        assert!(!layout.dir.exists());
-        assert!(!bundle.join(POD_DIR_FILE).exists());
-        // A second delete finds nothing and does not fail.
-        cleanup_after_dead_shim(&bundle, "c1");
-    }
 
     #[test]
     fn log_filters_parse_and_a_bad_one_falls_back() {
@@ -529,52 +379,5 @@ mod tests {
         assert!(filter.would_enable("h2::codec", &tracing::Level::INFO));
         let fallback = parse_filter("debug,=bad=", "warn");
         assert_eq!(fallback.default_level(), Some(LevelFilter::WARN));
-    }
-
-    #[test]
-    fn stop_own_pod_kills_the_recorded_vm_and_removes_the_pod_dir() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (bundle, layout, mut vmm) = pod_with_a_recorded_vmm(tmp.path());
-        // This shim itself is recorded as the pod's (and alive).
-        record_shim(&layout);
-        std::fs::write(bundle.join(POD_DIR_FILE), layout.dir.to_str().unwrap()).unwrap();
-
-        let reaper = std::thread::spawn(move || vmm.wait().unwrap());
-        let removed = stop_own_pod(&bundle, "ns", "c1");
-        assert!(!reaper.join().unwrap().success(), "the VMM was killed");
-        assert_eq!(removed, vec![layout.dir.clone()]);
-        assert!(!layout.dir.exists());
-        // Nothing left: a second stop finds nothing.
-        assert!(stop_own_pod(&bundle, "ns", "c1").is_empty());
-    }
-
-    #[test]
-    fn cleanup_with_a_live_shim_removes_only_the_container() {
-        let tmp = tempfile::tempdir().unwrap();
-        let bundle = tmp.path().join("bundle");
-        std::fs::create_dir_all(&bundle).unwrap();
-        let layout = PodLayout {
-            dir: tmp.path().join("state/ns/pod"),
-            log_file: tmp.path().join("pod.log"),
-        };
-        std::fs::create_dir_all(layout.container_dir("c1")).unwrap();
-        std::fs::create_dir_all(layout.container_dir("c2")).unwrap();
-        // A live "shim": another process.
-        let mut shim = std::process::Command::new("sleep")
-            .arg("60")
-            .spawn()
-            .unwrap();
-        let start = process_start_time(shim.id()).unwrap();
-        std::fs::write(
-            layout.dir.join(SHIM_PID_FILE),
-            format!("{} {start}", shim.id()),
-        )
-        .unwrap();
-        std::fs::write(bundle.join(POD_DIR_FILE), layout.dir.to_str().unwrap()).unwrap();
-        cleanup_after_dead_shim(&bundle, "c1");
-        assert!(!layout.container_dir("c1").exists());
-        assert!(layout.container_dir("c2").exists());
-        shim.kill().unwrap();
-        shim.wait().unwrap();
     }
 }

@@ -15,7 +15,6 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::{Endpoint, Uri};
 
 /// Where the initramfs rootfs is inside the guest.
@@ -331,9 +330,14 @@ pub async fn connect_agent(uds: &Path, timeout: Duration) -> Result<AgentClient,
         let connect = endpoint.connect_with_connector(tower::service_fn(move |_: Uri| {
             let uds = uds.clone();
             async move {
-                connect_hybrid_vsock(&uds, microvm_proto::AGENT_VSOCK_PORT)
-                    .await
-                    .map(TokioIo::new)
+                // The product's own handshake, not a copy of it.
+                microvm_shim::agent::connect_hybrid_vsock(
+                    &uds,
+                    microvm_proto::abi::vsock::AGENT_PORT,
+                )
+                .await
+                .map(TokioIo::new)
+                .map_err(std::io::Error::other)
             }
         }));
         // Each attempt is bounded: a CONNECT that reaches vhost-device-vsock
@@ -360,7 +364,7 @@ pub async fn connect_agent(uds: &Path, timeout: Duration) -> Result<AgentClient,
             Err(err) => {
                 return Err(format!(
                     "no agent on vsock port {} within {timeout:?}: {err}",
-                    microvm_proto::AGENT_VSOCK_PORT
+                    microvm_proto::abi::vsock::AGENT_PORT
                 ))
             }
         }
@@ -368,41 +372,5 @@ pub async fn connect_agent(uds: &Path, timeout: Duration) -> Result<AgentClient,
             return Err("the agent did not answer Check".to_owned());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Firecracker-style hybrid vsock: "CONNECT <port>\n", then "OK <n>\n".
-pub async fn connect_hybrid_vsock(
-    uds: &Path,
-    port: u32,
-) -> std::io::Result<tokio::net::UnixStream> {
-    let mut stream = tokio::net::UnixStream::connect(uds).await?;
-    stream
-        .write_all(format!("CONNECT {port}\n").as_bytes())
-        .await?;
-    let mut line = Vec::new();
-    loop {
-        let mut byte = [0u8; 1];
-        if stream.read(&mut byte).await? == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::ConnectionRefused,
-                "the vsock backend closed the connection (no listener yet?)",
-            ));
-        }
-        if byte[0] == b'\n' {
-            break;
-        }
-        line.push(byte[0]);
-        if line.len() > 64 {
-            return Err(std::io::Error::other("overlong vsock handshake reply"));
-        }
-    }
-    if line.starts_with(b"OK ") {
-        Ok(stream)
-    } else {
-        Err(std::io::Error::new(
-            std::io::ErrorKind::ConnectionRefused,
-            format!("vsock handshake: {}", String::from_utf8_lossy(&line)),
-        ))
     }
 }

@@ -12,7 +12,15 @@ use std::time::{Duration, Instant};
 pub const CONTAINERD: &str = "containerd";
 pub const CTR: &str = "ctr";
 pub const NAMESPACE: &str = "microvm-test";
-const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long containerd may take to answer at start: 30 s, or 120 s in the
+/// KVM harness's L1, where it is emulated (and slower still on a busy host).
+fn start_timeout() -> Duration {
+    if crate::kvm::in_nested_kvm() {
+        Duration::from_secs(120)
+    } else {
+        Duration::from_secs(30)
+    }
+}
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Finds `name` in PATH.
@@ -145,7 +153,7 @@ disabled_plugins = [{disabled_cri}"io.containerd.snapshotter.v1.btrfs", "io.cont
             namespace: NAMESPACE,
             child: Some(child),
         };
-        let deadline = Instant::now() + START_TIMEOUT;
+        let deadline = Instant::now() + start_timeout();
         loop {
             if containerd.socket.exists() {
                 let version = containerd.ctr(&["version"], Duration::from_secs(10));
@@ -163,7 +171,8 @@ disabled_plugins = [{disabled_cri}"io.containerd.snapshotter.v1.btrfs", "io.cont
             }
             if Instant::now() >= deadline {
                 return Err(format!(
-                    "containerd did not answer within {START_TIMEOUT:?}:\n{}",
+                    "containerd did not answer within {:?}:\n{}",
+                    start_timeout(),
                     containerd.log()
                 ));
             }
@@ -328,17 +337,80 @@ pub fn pids_matching(needle: &str) -> Vec<(u32, String)> {
     found
 }
 
-/// Writes a shim config for the `qemu` backend under TCG (the only one that
-/// runs containers on these hosts), with state and logs under `work`.
-pub fn write_qemu_shim_config(
+/// The backends the shim tests run pods on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestBackend {
+    /// `builtin` (microvm-vmm, jailed as 65534): the default config. Needs
+    /// real KVM.
+    Builtin,
+    /// `qemu` with `accel = "kvm"`. Needs real KVM.
+    QemuKvm,
+    /// `qemu` under TCG: runs on any host.
+    QemuTcg,
+}
+
+impl TestBackend {
+    /// A short name for test names (`builtin`, `qemu_kvm`, `qemu_tcg`).
+    pub fn name(self) -> &'static str {
+        match self {
+            TestBackend::Builtin => "builtin",
+            TestBackend::QemuKvm => "qemu_kvm",
+            TestBackend::QemuTcg => "qemu_tcg",
+        }
+    }
+
+    pub fn needs_real_kvm(self) -> bool {
+        self != TestBackend::QemuTcg
+    }
+
+    /// The name of the process that is the VM on the host.
+    pub fn vmm_process(self) -> &'static str {
+        match self {
+            TestBackend::Builtin => "microvm-vmm",
+            TestBackend::QemuKvm | TestBackend::QemuTcg => "qemu-system-x86_64",
+        }
+    }
+
+    /// The config's backend table: only what differs from the defaults.
+    fn config_tail(self) -> &'static str {
+        match self {
+            // The shipped defaults: jail on, uid/gid 65534.
+            TestBackend::Builtin => "backend = \"builtin\"\n",
+            TestBackend::QemuKvm => "backend = \"qemu\"\n[qemu]\naccel = \"kvm\"\n",
+            TestBackend::QemuTcg => "backend = \"qemu\"\n[qemu]\naccel = \"tcg\"\n",
+        }
+    }
+}
+
+/// Writes a shim config for `backend` with state and logs under `work`,
+/// the test guest image and boot timeouts for an emulated machine; every
+/// other key keeps its default. Its `[qemu]` table, if any, comes last.
+/// The shim logs at debug level (see [`write_shim_config_at`]).
+pub fn write_shim_config(
     work: &Path,
     kernel: &Path,
     initramfs: &Path,
+    backend: TestBackend,
+) -> Result<PathBuf, String> {
+    write_shim_config_at(work, kernel, initramfs, backend, "debug")
+}
+
+/// [`write_shim_config`] with the shim's `log_level` (a benchmark logs at
+/// `info`: debug logging would be part of what it measures).
+pub fn write_shim_config_at(
+    work: &Path,
+    kernel: &Path,
+    initramfs: &Path,
+    backend: TestBackend,
+    log_level: &str,
 ) -> Result<PathBuf, String> {
     let config = work.join("microvm.toml");
+    let (head, tail) = match backend.config_tail().split_once('[') {
+        Some((head, tail)) => (head.to_owned(), format!("[{tail}")),
+        None => (backend.config_tail().to_owned(), String::new()),
+    };
     let text = format!(
-        r#"backend = "qemu"
-log_level = "debug"
+        r#"{head}log_level = "{log_level}"
 [vm]
 kernel = "{kernel}"
 initramfs = "{initramfs}"
@@ -350,9 +422,7 @@ agent_seconds = 60
 [paths]
 state_dir = "{state}"
 log_dir = "{logs}"
-[qemu]
-accel = "tcg"
-"#,
+{tail}"#,
         kernel = kernel.display(),
         initramfs = initramfs.display(),
         state = work.join("state").display(),
@@ -362,14 +432,39 @@ accel = "tcg"
     Ok(config)
 }
 
-/// The guest kernel's vmlinux and the release initramfs the shim tests boot;
-/// `MICROVM_TEST_INITRAMFS` tries another agent build without touching the
-/// cache. Panics with the cause: scripts/install-deps.sh provides it all.
+/// [`write_shim_config`] for `qemu` under TCG.
+pub fn write_qemu_shim_config(
+    work: &Path,
+    kernel: &Path,
+    initramfs: &Path,
+) -> Result<PathBuf, String> {
+    write_shim_config(work, kernel, initramfs, TestBackend::QemuTcg)
+}
+
+/// Overrides the test guest kernel (a vmlinux path).
+pub const TEST_KERNEL_ENV: &str = "MICROVM_TEST_KERNEL";
+/// Overrides the test initramfs.
+pub const TEST_INITRAMFS_ENV: &str = "MICROVM_TEST_INITRAMFS";
+
+/// The guest kernel's vmlinux and the release initramfs the shim tests
+/// boot. [`TEST_KERNEL_ENV`] and [`TEST_INITRAMFS_ENV`] override them: a
+/// nested KVM run gets the host's answer this way instead of checking the
+/// image's inputs again under emulation, and another agent build can be
+/// tried without touching the cache. Panics with the cause:
+/// scripts/install-deps.sh provides it all.
 pub fn test_guest_image() -> (PathBuf, PathBuf) {
     use microvm_guest_image::initramfs::{self, Variant};
-    let kernel = microvm_guest_image::kernel::kernel()
-        .unwrap_or_else(|err| panic!("guest kernel: {}", microvm_shim::pod::error_chain(&err)));
-    let initramfs = match std::env::var_os("MICROVM_TEST_INITRAMFS") {
+    let kernel = match std::env::var_os(TEST_KERNEL_ENV) {
+        Some(path) => PathBuf::from(path),
+        None => {
+            microvm_guest_image::kernel::kernel()
+                .unwrap_or_else(|err| {
+                    panic!("guest kernel: {}", microvm_shim::pod::error_chain(&err))
+                })
+                .vmlinux
+        }
+    };
+    let initramfs = match std::env::var_os(TEST_INITRAMFS_ENV) {
         Some(path) => PathBuf::from(path),
         None => {
             initramfs::initramfs(Variant::Release)
@@ -377,7 +472,20 @@ pub fn test_guest_image() -> (PathBuf, PathBuf) {
                 .path
         }
     };
-    (kernel.vmlinux, initramfs)
+    (kernel, initramfs)
+}
+
+/// Overrides the static agent binary that tests bind into containers.
+pub const TEST_AGENT_ENV: &str = "MICROVM_TEST_AGENT";
+
+/// The static agent binary (a vsock probe among other things), built if
+/// needed; [`TEST_AGENT_ENV`] overrides it, as the nested KVM run does.
+pub fn test_agent_binary() -> PathBuf {
+    match std::env::var_os(TEST_AGENT_ENV) {
+        Some(path) => PathBuf::from(path),
+        None => microvm_guest_image::initramfs::build_agent()
+            .unwrap_or_else(|err| panic!("static agent: {}", microvm_shim::pod::error_chain(&err))),
+    }
 }
 
 /// A private containerd whose `io.containerd.microvm.v2` shim is this
@@ -393,20 +501,29 @@ pub struct ShimSetup {
 }
 
 impl ShimSetup {
-    /// `extra_qemu_keys` are appended to the config's `[qemu]` table.
-    /// Panics when the host lacks a piece: scripts/install-deps.sh installs
-    /// them all, so a missing one is a setup failure, not a skip.
+    /// A `qemu`/TCG pod setup; `extra_qemu_keys` are appended to the
+    /// config's `[qemu]` table.
     pub fn start(tag: &str, image: &str, extra_qemu_keys: &str) -> Self {
+        Self::start_on(TestBackend::QemuTcg, tag, image, extra_qemu_keys)
+    }
+
+    /// Panics when the host lacks a piece: scripts/install-deps.sh installs
+    /// them all, so a missing one is a setup failure, not a skip. The VMM
+    /// (`microvm-vmm`) is found on containerd's PATH, as with the default
+    /// config on a node.
+    pub fn start_on(backend: TestBackend, tag: &str, image: &str, extra_qemu_keys: &str) -> Self {
         const SHIM: &str = "containerd-shim-microvm-v2";
         if let Some(reason) = missing_shim_prerequisite() {
             panic!("shim tests cannot run: {reason} (run scripts/install-deps.sh)");
         }
         let (kernel, initramfs) = test_guest_image();
         let bin = TempDir::new(&format!("{tag}-bin"));
-        std::os::unix::fs::symlink(crate::harness::binary(SHIM), bin.join(SHIM))
-            .expect("link the shim");
+        for binary in [SHIM, "microvm-vmm"] {
+            std::os::unix::fs::symlink(crate::harness::binary(binary), bin.join(binary))
+                .expect("link the shim and the VMM");
+        }
         let work = TempDir::new(&format!("{tag}-work"));
-        let config = write_qemu_shim_config(work.path(), &kernel, &initramfs)
+        let config = write_shim_config(work.path(), &kernel, &initramfs, backend)
             .expect("write the shim config");
         if !extra_qemu_keys.is_empty() {
             let mut text = std::fs::read_to_string(&config).expect("read the shim config");

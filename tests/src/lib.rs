@@ -4,6 +4,7 @@ pub mod bench;
 pub mod containerd;
 pub mod cri;
 pub mod harness;
+pub mod kvm;
 pub mod oci_image;
 pub mod probe;
 pub mod rootfs;

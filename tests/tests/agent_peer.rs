@@ -153,7 +153,7 @@ async fn client(guest: &Guest, timeout: Duration) -> Result<AgentClient, String>
 /// Runs the probe against `cid:1024` in a container of `client`'s guest
 /// and returns its one line.
 async fn probe(client: &mut AgentClient, id: &str, cid: u32) -> Result<String, String> {
-    let port = microvm_proto::AGENT_VSOCK_PORT.to_string();
+    let port = microvm_proto::abi::vsock::AGENT_PORT.to_string();
     let cid = cid.to_string();
     let mut probe = spec(
         Path::new(PROBE_ROOT),

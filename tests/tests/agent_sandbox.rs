@@ -262,3 +262,68 @@ async fn power_off_answers_then_stops_containers_and_exits() {
         Vec::<String>::new()
     );
 }
+
+/// Container sysctls (issue #15): namespaced ones are written in the
+/// container's namespaces although its /proc/sys is read-only (runc's
+/// readonlyPaths); the pod's namespaces get them when the spec shares them;
+/// a sysctl that is not namespaced fails CreateContainer by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_sysctls_apply_despite_a_read_only_proc_sys() {
+    let agent = AgentUnderTest::start("ctrsysctl");
+    let rootfs = rootfs(&agent.dir);
+    let mut client = agent.client().await;
+    let read = "cat /proc/sys/net/ipv4/ip_unprivileged_port_start /proc/sys/kernel/shm_rmid_forced; \
+                echo 0 > /proc/sys/kernel/shm_rmid_forced 2>/dev/null && echo writable || echo read-only";
+    // Own network and IPC namespaces: the values are the container's.
+    let mut own = spec(&rootfs, &["sh", "-c", read]);
+    own["linux"]["namespaces"] = json!([
+        {"type": "pid"}, {"type": "ipc"}, {"type": "network"}, {"type": "mount"}
+    ]);
+    own["linux"]["sysctl"] = json!({
+        "net.ipv4.ip_unprivileged_port_start": "1000",
+        "kernel.shm_rmid_forced": "1"
+    });
+    let output = ok(&agent, client.run("own", &own).await);
+    assert_eq!(output.code, 0, "{}", output.stderr_text());
+    assert_eq!(output.stdout_text(), "1000\n1\nread-only\n");
+
+    // The pod's (the agent's) network namespace: containerd 2.x's default.
+    let before = text(&agent.nsenter(
+        &["net"],
+        &["cat", "/proc/sys/net/ipv4/ip_unprivileged_port_start"],
+    ));
+    let mut shared = spec(&rootfs, &["sh", "-c", read]);
+    shared["linux"]["namespaces"] = json!([
+        {"type": "pid"}, {"type": "ipc"}, {"type": "mount"},
+        {"type": "network", "path": "/proc/1/ns/net"}
+    ]);
+    shared["linux"]["sysctl"] = json!({"net.ipv4.ip_unprivileged_port_start": "0"});
+    let output = ok(&agent, client.run("shared", &shared).await);
+    assert_eq!(output.code, 0, "{}", output.stderr_text());
+    assert!(
+        output.stdout_text().starts_with("0\n"),
+        "{}",
+        output.stdout_text()
+    );
+    assert_eq!(
+        text(&agent.nsenter(
+            &["net"],
+            &["cat", "/proc/sys/net/ipv4/ip_unprivileged_port_start"]
+        )),
+        "0",
+        "the pod's namespace has it (it was {before})"
+    );
+
+    let mut global = spec(&rootfs, &["true"]);
+    global["linux"]["sysctl"] = json!({"kernel.panic": "1", "vm.swappiness": "1"});
+    let err = client
+        .create("global", &global, false)
+        .await
+        .expect_err("a sysctl that is not namespaced");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message()
+            .contains("sysctls \"kernel.panic\", \"vm.swappiness\" are not namespaced"),
+        "{err:?}"
+    );
+}

@@ -7,15 +7,20 @@
 //! everything on the host side is what a pod gets. Then the pod is stopped the way the shim stops a pod
 //! whose agent does not answer, and nothing may be left.
 //!
+//! It runs twice: on this host (cgroup v1 here) and in the KVM harness's
+//! L1 (cgroup v2, real KVM).
+//!
 //! Needs /dev/kvm and virtiofsd (scripts/install-deps.sh installs it).
 
 use microvm_shim::network::{PodNetwork, TapOwner};
-use microvm_shim::vm::cgroup::HostCgroup;
+use microvm_shim::vm::cgroup::{PodCgroups, HELPERS, VMM};
+use microvm_shim::vm::console::PodLog;
 use microvm_shim::vm::layout::PodLayout;
 use microvm_shim::vm::supervisor::PodVm;
 use microvm_shim::vm::{Backend, BuiltinBackend, Jail, PodVmSpec, VmNic};
 use microvm_tests::agent_qemu::find_tool;
 use microvm_tests::harness::{binary, wait_for_text, TempDir};
+use microvm_tests::kvm::Suite;
 use microvm_tests::probe::probe_guest_elf;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::MetadataExt;
@@ -56,7 +61,7 @@ fn jailed_child(supervisor: u32) -> u32 {
 }
 
 /// The pod cgroup goes even when an assertion fails.
-struct RemovedOnDrop(HostCgroup);
+struct RemovedOnDrop(PodCgroups);
 
 impl Drop for RemovedOnDrop {
     fn drop(&mut self) {
@@ -77,8 +82,21 @@ fn pids_cgroup(relative: &str) -> PathBuf {
     }
 }
 
-#[test]
-fn shim_starts_the_jailed_vmm_under_the_pod_cgroup_and_stops_it_without_leftovers() {
+fn main() {
+    let mut suite = Suite::new("shim_builtin_jail", Duration::from_secs(600));
+    let name = "shim_starts_the_jailed_vmm_under_the_pod_cgroup_and_stops_it_without_leftovers";
+    suite.host(libtest_mimic::Trial::test(format!("host::{name}"), || {
+        jailed_vmm_under_the_pod_cgroup();
+        Ok(())
+    }));
+    suite.kvm(format!("kvm::{name}"), || {
+        jailed_vmm_under_the_pod_cgroup();
+        Ok(())
+    });
+    suite.run()
+}
+
+fn jailed_vmm_under_the_pod_cgroup() {
     assert!(
         Path::new("/dev/kvm").exists(),
         "/dev/kvm is missing: this test runs the probe guest under KVM"
@@ -111,7 +129,7 @@ fn shim_starts_the_jailed_vmm_under_the_pod_cgroup_and_stops_it_without_leftover
         "{tap_details}"
     );
     let cgroup_path = format!("/mvt-pods-{}/pod1", std::process::id());
-    let cgroup = RemovedOnDrop(HostCgroup::create(&cgroup_path).unwrap());
+    let cgroup = RemovedOnDrop(PodCgroups::create(Some(&cgroup_path), "ns", "pod1").unwrap());
 
     let spec = PodVmSpec {
         layout: layout.clone(),
@@ -127,7 +145,7 @@ fn shim_starts_the_jailed_vmm_under_the_pod_cgroup_and_stops_it_without_leftover
             tap: network.tap.clone(),
             mac: network.interface.mac.clone(),
         }),
-        host_cgroup: Some(cgroup_path.clone()),
+        host_cgroup: Some(cgroup.0.pod_relative().to_path_buf()),
     };
     let backend = BuiltinBackend {
         vmm: binary("microvm-vmm"),
@@ -136,7 +154,10 @@ fn shim_starts_the_jailed_vmm_under_the_pod_cgroup_and_stops_it_without_leftover
             gid: Some(JAIL_ID),
         }),
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    // A worker thread of its own: the pod log's relay tasks must keep
+    // running while this thread blocks between `block_on`s.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
@@ -146,6 +167,7 @@ fn shim_starts_the_jailed_vmm_under_the_pod_cgroup_and_stops_it_without_leftover
             &layout,
             Duration::from_secs(20),
             Some(&cgroup.0),
+            PodLog::open(&layout.log_file, 1 << 20).unwrap(),
         ))
         .unwrap_or_else(|err| {
             panic!(
@@ -184,9 +206,9 @@ fn shim_starts_the_jailed_vmm_under_the_pod_cgroup_and_stops_it_without_leftover
         std::fs::read_to_string(&layout.log_file).unwrap_or_default()
     );
 
-    // The jail the shim asked for: root is <pod dir>/root, own mount and
+    // The jail the shim asked for: root is <pod dir>/vmm, own mount and
     // PID namespaces, the configured uid/gid, seccomp, empty environment.
-    let jail_root = layout.dir.join("root");
+    let jail_root = layout.jail_root();
     let root = std::fs::metadata(format!("/proc/{vmm}/root/.")).unwrap();
     let expected_root = std::fs::metadata(&jail_root).unwrap();
     assert_eq!(
@@ -210,27 +232,26 @@ fn shim_starts_the_jailed_vmm_under_the_pod_cgroup_and_stops_it_without_leftover
         .unwrap()
         .is_empty());
 
-    // Host cgroup: virtiofsd in the pod's cgroup, the VMM in its jail
-    // cgroup below it.
+    // Host cgroups: virtiofsd and the jail supervisor in the pod's helpers
+    // leaf, the VMM in the jail's cgroup, the pod's vmm leaf.
     let pod_cgroup = pids_cgroup(cgroup_path.trim_start_matches('/'));
     let members = |cgroup: &Path| std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap();
+    for (pid, leaf) in [(virtiofsd_pid, HELPERS), (supervisor, HELPERS), (vmm, VMM)] {
+        assert!(
+            members(&pod_cgroup.join(leaf))
+                .lines()
+                .any(|member| member == pid.to_string()),
+            "{pid} is not in {}/{leaf}",
+            pod_cgroup.display()
+        );
+    }
     assert!(
-        members(&pod_cgroup)
-            .lines()
-            .any(|pid| pid == virtiofsd_pid.to_string()),
-        "virtiofsd is not in {}",
-        pod_cgroup.display()
-    );
-    assert!(
-        members(&pod_cgroup.join("root"))
-            .lines()
-            .any(|pid| pid == vmm.to_string()),
-        "the VMM is not in {}/root",
-        pod_cgroup.display()
+        members(&pod_cgroup).trim().is_empty(),
+        "processes in the pod cgroup itself"
     );
 
     // The jail's default limit on the VMM's threads (64 + vCPUs).
-    let pids_max = std::fs::read_to_string(pod_cgroup.join("root/pids.max")).unwrap();
+    let pids_max = std::fs::read_to_string(pod_cgroup.join(VMM).join("pids.max")).unwrap();
     assert_eq!(pids_max.trim(), "65", "pids.max of the VMM's cgroup");
 
     // The shim's side of hybrid vsock: its socket in the pod dir reaches the
@@ -262,9 +283,8 @@ fn shim_starts_the_jailed_vmm_under_the_pod_cgroup_and_stops_it_without_leftover
     }
     assert!(!jail_root.exists(), "{} left behind", jail_root.display());
     assert!(
-        !pod_cgroup.join("root").exists(),
-        "the VMM's cgroup {}/root left behind",
-        pod_cgroup.display()
+        members(&pod_cgroup.join(VMM)).trim().is_empty(),
+        "processes left in the VMM's cgroup"
     );
     cgroup.0.remove();
     assert!(!pod_cgroup.exists(), "{} left behind", pod_cgroup.display());

@@ -5,7 +5,9 @@
 
 use microvm_devices::virtio::net::tap::Tap;
 use microvm_devices::virtio::net::NetBackend;
-use microvm_shim::network::{GuestRoute, NetnsForChild, NetworkError, PodNetwork};
+use microvm_shim::network::{
+    Bandwidth, GuestRoute, NetnsForChild, NetworkError, PodNetwork, TapOwner,
+};
 use std::net::{Ipv4Addr, UdpSocket};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
@@ -130,6 +132,28 @@ impl Namespaces {
 
     fn peer_ip(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, 199, self.subnet, 1)
+    }
+
+    /// The peer knows the pod's MAC, so frames to the pod go out at once,
+    /// without ARP.
+    fn pin_pod_mac_on_the_peer(&self) {
+        let pod_ip = self.pod_ip().to_string();
+        ok(
+            "ip",
+            &[
+                "-n",
+                &self.peer,
+                "neigh",
+                "replace",
+                &pod_ip,
+                "lladdr",
+                POD_MAC,
+                "dev",
+                "peer0",
+                "nud",
+                "permanent",
+            ],
+        );
     }
 
     fn tap_exists(&self) -> bool {
@@ -293,22 +317,7 @@ fn attach_redirects_the_pod_veth_and_a_persistent_tap_both_ways() {
     // the IPv4 frame goes out at once, without ARP).
     let pod_ip = namespaces.pod_ip();
     let peer_ip = namespaces.peer_ip();
-    ok(
-        "ip",
-        &[
-            "-n",
-            &namespaces.peer,
-            "neigh",
-            "add",
-            &pod_ip.to_string(),
-            "lladdr",
-            POD_MAC,
-            "dev",
-            "peer0",
-            "nud",
-            "permanent",
-        ],
-    );
+    namespaces.pin_pod_mac_on_the_peer();
     in_netns(&namespaces.peer_path(), move || {
         let socket = UdpSocket::bind((peer_ip, 0)).unwrap();
         socket.send_to(b"mvt-probe", (pod_ip, 9999)).unwrap();
@@ -559,4 +568,241 @@ fn qemu_started_in_the_pod_netns_opens_the_persistent_tap() {
     assert!(details.contains("vnet_hdr on"), "{details}");
     network.detach().unwrap();
     assert!(!namespaces.tap_exists());
+}
+
+/// An IPv4/UDP frame (no UDP checksum, which IPv4 allows) with the vnet
+/// header our tap opener expects in front.
+fn udp_frame(
+    source_mac: [u8; 6],
+    destination_mac: [u8; 6],
+    source: Ipv4Addr,
+    destination: Ipv4Addr,
+    port: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut frame = vec![0u8; VNET_HDR_LEN];
+    frame.extend_from_slice(&destination_mac);
+    frame.extend_from_slice(&source_mac);
+    frame.extend_from_slice(&[0x08, 0x00]);
+    let total = (20 + 8 + payload.len()) as u16;
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 17;
+    ip[12..16].copy_from_slice(&source.octets());
+    ip[16..20].copy_from_slice(&destination.octets());
+    let sum = ip
+        .chunks(2)
+        .map(|word| u32::from(u16::from_be_bytes([word[0], word[1]])))
+        .sum::<u32>();
+    let folded = (sum & 0xffff) + (sum >> 16);
+    let checksum = !((folded & 0xffff) + (folded >> 16)) as u16;
+    ip[10..12].copy_from_slice(&checksum.to_be_bytes());
+    frame.extend_from_slice(&ip);
+    frame.extend_from_slice(&40000u16.to_be_bytes());
+    frame.extend_from_slice(&port.to_be_bytes());
+    frame.extend_from_slice(&(8 + payload.len() as u16).to_be_bytes());
+    frame.extend_from_slice(&[0, 0]);
+    frame.extend_from_slice(payload);
+    frame
+}
+
+fn link_mac(netns: &str, device: &str) -> [u8; 6] {
+    let text = ok("ip", &["-n", netns, "-o", "link", "show", device]);
+    let mac = text
+        .split_whitespace()
+        .skip_while(|word| *word != "link/ether")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no MAC in {text}"));
+    let mut bytes = [0u8; 6];
+    for (byte, part) in bytes.iter_mut().zip(mac.split(':')) {
+        *byte = u8::from_str_radix(part, 16).unwrap();
+    }
+    bytes
+}
+
+/// The guest owns its kernel, so it can send any frame. Only the pod's own
+/// MAC and IP get past the tap: a spoofed source IP, a spoofed MAC and ARP
+/// for another address are dropped before the CNI link.
+#[test]
+fn frames_from_the_guest_with_another_mac_or_ip_never_leave_the_tap() {
+    let namespaces = Namespaces::with_cni_veth();
+    let network = PodNetwork::attach(&namespaces.pod_path(), TAP).unwrap();
+    let mut tap = in_netns(&namespaces.pod_path(), || Tap::open(TAP)).unwrap();
+    let (pod_ip, peer_ip) = (namespaces.pod_ip(), namespaces.peer_ip());
+    let peer_mac = link_mac(&namespaces.peer, "peer0");
+    let spoofed_ip = Ipv4Addr::new(10, 199, namespaces.subnet, 9);
+    let spoofed_mac = [0x02, 0x42, 0x0a, 0xc7, 0x00, 0x09];
+
+    let socket = in_netns(&namespaces.peer_path(), move || {
+        let socket = UdpSocket::bind((peer_ip, 9998)).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        socket
+    });
+    let send = |tap: &mut Tap, mac, source, payload: &[u8]| {
+        tap.write_frame(&udp_frame(mac, peer_mac, source, peer_ip, 9998, payload))
+            .unwrap();
+    };
+    send(&mut tap, POD_MAC_BYTES, spoofed_ip, b"spoofed-ip");
+    send(&mut tap, spoofed_mac, pod_ip, b"spoofed-mac");
+    tap.write_frame(&arp_request(POD_MAC_BYTES, spoofed_ip, peer_ip))
+        .unwrap();
+    // The honest datagram goes last: once it is in, the others had their
+    // chance (one path, in order).
+    send(&mut tap, POD_MAC_BYTES, pod_ip, b"honest");
+    let mut received = Vec::new();
+    let mut buf = [0u8; 64];
+    while let Ok((len, from)) = socket.recv_from(&mut buf) {
+        received.push((String::from_utf8_lossy(&buf[..len]).into_owned(), from));
+    }
+    let payloads: Vec<&str> = received.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(payloads, ["honest"], "{received:?}");
+    assert_eq!(received[0].1.ip(), std::net::IpAddr::V4(pod_ip));
+    let neighbours = ok(
+        "ip",
+        &[
+            "-n",
+            &namespaces.peer,
+            "neigh",
+            "show",
+            &spoofed_ip.to_string(),
+        ],
+    );
+    assert!(
+        neighbours.trim().is_empty(),
+        "spoofed ARP was learnt: {neighbours}"
+    );
+
+    // The drop of the rest is cls_bpf (act_gact is not in every kernel).
+    let tap_filters = tc_ingress_filters(&namespaces, TAP);
+    assert!(
+        tap_filters.contains("bpf") && tap_filters.contains("direct-action"),
+        "{tap_filters}"
+    );
+    // A second attach finds the guard as it is and keeps it.
+    PodNetwork::attach(&namespaces.pod_path(), TAP).unwrap();
+    assert_eq!(tc_ingress_filters(&namespaces, TAP), tap_filters);
+    network.detach().unwrap();
+}
+
+/// Frames the tap yields within `window` (virtio-net header included).
+fn count_frames(tap: &mut Tap, window: Duration, wanted: impl Fn(&[u8]) -> bool) -> usize {
+    let deadline = Instant::now() + window;
+    let mut buf = vec![0u8; 65_536];
+    let mut count = 0;
+    while Instant::now() < deadline {
+        match tap.read_frame(&mut buf) {
+            Ok(len) if len > VNET_HDR_LEN && wanted(&buf[VNET_HDR_LEN..len]) => count += 1,
+            Ok(_) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(err) => panic!("reading the tap: {err}"),
+        }
+    }
+    count
+}
+
+/// `network.guest_{rx,tx}_bytes_per_second`: tbf qdiscs on the host cap
+/// both ways. 300 frames of 1242 bytes sent at once each way; at 20 kB/s,
+/// with a 64 KiB bucket and as much queued, about 100 get through in the
+/// first second, never all 300.
+#[test]
+fn a_capped_pod_gets_its_cap_each_way_and_detach_removes_it() {
+    const FRAMES: usize = 300;
+    const PAYLOAD: usize = 1200; // under the veth MTU of 1400
+    const CAP: u64 = 20_000;
+    let namespaces = Namespaces::with_cni_veth();
+    let bandwidth = Bandwidth {
+        guest_rx_bytes_per_second: CAP,
+        guest_tx_bytes_per_second: CAP,
+    };
+    let network =
+        PodNetwork::attach_with(&namespaces.pod_path(), TAP, TapOwner::default(), bandwidth)
+            .unwrap();
+    for device in [TAP, "eth0"] {
+        let qdiscs = ok(
+            "tc",
+            &["-n", &namespaces.pod, "qdisc", "show", "dev", device],
+        );
+        assert!(
+            qdiscs.contains("qdisc tbf") && qdiscs.contains("rate 160Kbit"),
+            "{qdiscs}"
+        );
+    }
+    let mut tap = in_netns(&namespaces.pod_path(), || Tap::open(TAP)).unwrap();
+    let (pod_ip, peer_ip) = (namespaces.pod_ip(), namespaces.peer_ip());
+    let peer_mac = link_mac(&namespaces.peer, "peer0");
+
+    // Guest → peer: counted by peer0's receive counter.
+    let before = rx_packets(&namespaces.peer_path(), "peer0");
+    let payload = [0x5au8; PAYLOAD];
+    for _ in 0..FRAMES {
+        tap.write_frame(&udp_frame(
+            POD_MAC_BYTES,
+            peer_mac,
+            pod_ip,
+            peer_ip,
+            9997,
+            &payload,
+        ))
+        .unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let sent_through = rx_packets(&namespaces.peer_path(), "peer0") - before;
+    assert!(
+        (30..200).contains(&sent_through),
+        "{sent_through} of {FRAMES} frames from the guest reached the peer; {}",
+        ok(
+            "tc",
+            &[
+                "-n",
+                &namespaces.pod,
+                "-s",
+                "-d",
+                "qdisc",
+                "show",
+                "dev",
+                "eth0"
+            ]
+        )
+    );
+
+    eprintln!("guest → peer: {sent_through} of {FRAMES} frames in 1 s");
+
+    // Peer → guest: counted on the tap.
+    namespaces.pin_pod_mac_on_the_peer();
+    in_netns(&namespaces.peer_path(), move || {
+        let socket = UdpSocket::bind((peer_ip, 0)).unwrap();
+        for _ in 0..FRAMES {
+            let _ = socket.send_to(&payload, (pod_ip, 9996));
+        }
+    });
+    let received = count_frames(&mut tap, Duration::from_secs(1), |frame| {
+        frame.len() > 38 && frame[12..14] == [0x08, 0x00] && frame[36..38] == 9996u16.to_be_bytes()
+    });
+    assert!(
+        (30..200).contains(&received),
+        "{received} of {FRAMES} frames to the guest came through the tap"
+    );
+
+    eprintln!("peer → guest: {received} of {FRAMES} frames in 1 s");
+
+    // No cap on a second attach takes ours off; detach leaves the veth bare.
+    PodNetwork::attach(&namespaces.pod_path(), TAP).unwrap();
+    let qdiscs = ok(
+        "tc",
+        &["-n", &namespaces.pod, "qdisc", "show", "dev", "eth0"],
+    );
+    assert!(!qdiscs.contains("tbf"), "{qdiscs}");
+    PodNetwork::attach_with(&namespaces.pod_path(), TAP, TapOwner::default(), bandwidth).unwrap();
+    network.detach().unwrap();
+    let qdiscs = ok(
+        "tc",
+        &["-n", &namespaces.pod, "qdisc", "show", "dev", "eth0"],
+    );
+    assert!(!qdiscs.contains("tbf"), "{qdiscs}");
 }

@@ -138,6 +138,9 @@ async fn qemu_pods_boot_answer_and_leave_nothing_behind() {
     assert!(exit.is_vmm);
     assert!(exit.status.contains("SIGKILL"), "{}", exit.status);
 
+    // The per-pod log has the console in it while the pod lives...
+    let log = std::fs::read_to_string(&first.layout.log_file).unwrap();
+    assert!(log.contains("microvm-agent: ready"), "{log}");
     first.shutdown().await;
     second.shutdown().await;
     let state = config.paths.state_dir.clone();
@@ -152,7 +155,7 @@ async fn qemu_pods_boot_answer_and_leave_nothing_behind() {
         mounts_under(&state)
     );
     assert!(files_under(&state).is_empty(), "{:?}", files_under(&state));
-    // The per-pod logs stay, with the console in them.
-    let log = std::fs::read_to_string(&first.layout.log_file).unwrap();
-    assert!(log.contains("microvm-agent: ready"), "{log}");
+    // ...and goes with it (issue #13: logs must not pile up on the node).
+    assert!(!first.layout.log_file.exists());
+    assert!(!second.layout.log_file.exists());
 }

@@ -1,28 +1,26 @@
 //! A stock Linux guest (our guest kernel + initramfs) boots under
 //! `microvm-vmm` to the agent's ready line, and the boot timer is reported.
 //!
-//! Needs KVM that can run a stock guest kernel. On a PVM host (like the
-//! development and CI machines) the test is reported as ignored, with the
-//! reason printed, never as passed. Force it with `--ignored`.
+//! Needs KVM that can run a stock guest kernel: on a PVM host (the
+//! development and CI machines) it runs in the KVM harness's nested L1.
 
-use libtest_mimic::{Arguments, Failed, Trial};
-use microvm_guest_image::initramfs::{initramfs, Variant};
-use microvm_guest_image::kernel::kernel;
+use libtest_mimic::Failed;
 use microvm_guest_image::{ready_uptime, KERNEL_CMDLINE};
-use microvm_tests::harness::{binary, kvm_linux_boot_unsupported, run_with_timeout, TempDir};
+use microvm_tests::containerd::test_guest_image;
+use microvm_tests::harness::{binary, run_with_timeout, TempDir};
+use microvm_tests::kvm::Suite;
 use std::process::Command;
 use std::time::Duration;
 
 fn linux_boots_to_agent_ready() -> Result<(), Failed> {
-    let kernel = kernel().map_err(|e| format!("guest kernel: {e}"))?;
-    let initramfs = initramfs(Variant::Release).map_err(|e| format!("initramfs: {e}"))?;
+    let (kernel, initramfs) = test_guest_image();
     let dir = TempDir::new("linux-boot");
     let console = dir.join("console.log");
     let mut cmd = Command::new(binary("microvm-vmm"));
     cmd.arg("--kernel")
-        .arg(&kernel.vmlinux)
+        .arg(&kernel)
         .arg("--initrd")
-        .arg(&initramfs.path)
+        .arg(&initramfs)
         .args(["--cmdline", KERNEL_CMDLINE, "--memory-mib", "256"])
         .arg("--serial-output")
         .arg(&console);
@@ -50,15 +48,10 @@ fn linux_boots_to_agent_ready() -> Result<(), Failed> {
 }
 
 fn main() {
-    let args = Arguments::from_args();
-    let unsupported = kvm_linux_boot_unsupported();
-    if let Some(reason) = &unsupported {
-        println!("vmm_linux_boot: ignored on this host: {reason}");
-    }
-    let trial = Trial::test(
+    let mut suite = Suite::new("vmm_linux_boot", Duration::from_secs(300));
+    suite.kvm(
         "linux_boots_to_agent_ready_under_microvm_vmm",
         linux_boots_to_agent_ready,
-    )
-    .with_ignored_flag(unsupported.is_some());
-    libtest_mimic::run(&args, vec![trial]).exit();
+    );
+    suite.run()
 }

@@ -8,6 +8,9 @@
 //! Needs virtiofsd in PATH (scripts/install-deps.sh installs it).
 
 use microvm_devices::interrupt::EventFdTrigger;
+use microvm_devices::virtio::fs::{
+    FsState, MmioAddress, MutDeviceMmio, VhostUserFs, VhostUserMmio,
+};
 use microvm_devices::virtio::guest_ring::status::{
     ACK, DRIVER, DRIVER_OK, FEATURES_OK, NEEDS_RESET,
 };
@@ -17,9 +20,6 @@ use microvm_devices::virtio::{VirtioDevice, VirtioInterrupt};
 use microvm_tests::agent_qemu::find_tool;
 use microvm_tests::harness::{binary, run_with_timeout, ChildGuard, TempDir};
 use microvm_vmm::config::FsConfig;
-use microvm_vmm::devices::vhost_user_fs::{
-    FsState, MmioAddress, MutDeviceMmio, VhostUserFs, VhostUserMmio,
-};
 use microvm_vmm::memory::create_guest_memory;
 use microvm_vmm::seccomp::{SeccompFilters, ThreadKind};
 use microvm_vmm::GuestMemoryMmap;
@@ -204,7 +204,7 @@ fn spawn_virtiofsd(socket: &Path, shared: &Path, log: &Path) -> Virtiofsd {
 fn connect(config: &FsConfig, log: &Path) -> VhostUserFs {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match VhostUserFs::connect(config) {
+        match VhostUserFs::connect(&config.device_config()) {
             Ok(device) => return device,
             Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
             Err(e) => panic!(

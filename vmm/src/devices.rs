@@ -2,8 +2,6 @@
 //! on port I/O, virtio devices on MMIO slots with an irqfd each and an
 //! ioeventfd per queue.
 
-pub mod vhost_user_fs;
-
 use crate::arch::layout::{VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
 use crate::config::{devices::parse_mac, RateLimiterConfig, VmConfig};
 use crate::GuestMemoryMmap;
@@ -17,9 +15,11 @@ use microvm_devices::legacy::{
     DebugPort, DebugPortSink, I8042Sink, SerialDevice, SerialOutput, I8042,
 };
 use microvm_devices::rate_limiter::RateLimiter;
+use microvm_devices::virtio::fs::{VhostUserFs, VhostUserMmio};
 use microvm_devices::virtio::mmio::MmioTransport;
 use microvm_devices::virtio::VirtioDevice;
 use microvm_devices::virtio::VirtioInterrupt;
+use microvm_errors::error_chain;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -62,7 +62,7 @@ pub struct VirtioSlot {
     /// Set for devices whose queues an out-of-process vhost-user back-end
     /// serves: the back-end writes this eventfd itself. It becomes the slot's
     /// irqfd, and the transport reports the used-ring interrupt status (see
-    /// `vhost_user_fs::transport`).
+    /// `microvm_devices::virtio::fs::transport`).
     pub backend_irqfd: Option<EventFd>,
 }
 
@@ -177,8 +177,8 @@ pub fn create_virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSlot>, Devic
     }
     for (index, share) in config.fs.iter().enumerate() {
         let name = format!("fs[{index}]");
-        let device = vhost_user_fs::VhostUserFs::connect(share)
-            .map_err(|e| fail(&name, &crate::vmm::error_chain(&e)))?;
+        let device = VhostUserFs::connect(&share.device_config())
+            .map_err(|e| fail(&name, &error_chain(&e)))?;
         let irqfd = device
             .interrupt_eventfd()
             .try_clone()
@@ -268,7 +268,7 @@ pub fn build(
         }
         let range = MmioRange::new(MmioAddress(slot.base), VIRTIO_MMIO_SIZE).map_err(bus_err)?;
         if slot.backend_irqfd.is_some() {
-            let transport = vhost_user_fs::VhostUserMmio::new(transport);
+            let transport = VhostUserMmio::new(transport);
             bus.register_mmio(range, Arc::new(Mutex::new(transport)))
                 .map_err(bus_err)?;
         } else {

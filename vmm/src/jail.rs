@@ -27,6 +27,7 @@
 //! were mounted into the jail.
 
 use crate::config::VmConfig;
+use microvm_host::cgroup::{Cgroup, CgroupError, Hierarchies};
 use std::ffi::{CString, OsStr};
 use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
@@ -55,6 +56,8 @@ pub enum JailError {
     SocketPath(PathBuf),
     #[error("the jail supervisor exited before the VMM started")]
     SupervisorGone,
+    #[error("the jail's cgroup")]
+    Cgroup(#[source] CgroupError),
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> JailError + 'a {
@@ -403,103 +406,47 @@ fn make_device(
     Ok(())
 }
 
-/// Cgroup directories for one jail, in whichever hierarchy the host has.
-#[derive(Debug)]
+/// The jail's cgroup: `<parent>/<jail dir name>` in each hierarchy (the
+/// shared host module: v1 and v2, controllers enabled down the tree), with
+/// the limits written, removed when the VMM is gone.
 pub struct Cgroups {
-    dirs: Vec<PathBuf>,
+    cgroup: Cgroup,
 }
 
-const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+/// The controllers the jail's limits use.
+const JAIL_CONTROLLERS: &[&str] = &["memory", "pids", "cpu", "io"];
 
 impl Cgroups {
-    /// Creates `<parent>/<name>` per controller named in `settings` and
-    /// writes each setting.
+    /// Creates `<parent>/<name>` and writes each setting.
     pub fn create(
         parent: &str,
         name: &str,
         settings: &[(String, String)],
     ) -> Result<Self, JailError> {
-        let root = Path::new(CGROUP_ROOT);
-        let v2 = root.join("cgroup.controllers").exists();
-        let mut cgroups = Self { dirs: Vec::new() };
-        if let Err(e) = cgroups.apply(root, v2, parent, name, settings) {
-            // Leave nothing half made behind.
-            cgroups.remove();
-            return Err(e);
-        }
-        Ok(cgroups)
-    }
-
-    fn apply(
-        &mut self,
-        root: &Path,
-        v2: bool,
-        parent: &str,
-        name: &str,
-        settings: &[(String, String)],
-    ) -> Result<(), JailError> {
+        let hierarchies = Hierarchies::detect().map_err(JailError::Cgroup)?;
+        let relative = Path::new(parent.trim_start_matches('/')).join(name);
+        let cgroup =
+            Cgroup::create(&hierarchies, &relative, JAIL_CONTROLLERS).map_err(JailError::Cgroup)?;
         for (file, value) in settings {
-            let controller = file.split('.').next().unwrap_or_default();
-            let dir = if v2 {
-                root.join(parent).join(name)
-            } else {
-                root.join(controller).join(parent).join(name)
-            };
-            if !self.dirs.contains(&dir) {
-                if v2 {
-                    enable_v2_controller(root, parent, controller)?;
-                }
-                std::fs::create_dir_all(&dir).map_err(io_err("cannot create cgroup", &dir))?;
-                self.dirs.push(dir.clone());
+            if let Err(err) = cgroup.set(file, value) {
+                // Leave nothing half made behind.
+                cgroup.remove();
+                return Err(JailError::Cgroup(err));
             }
-            let v2_file = match file.as_str() {
-                // The v1 names the defaults use, mapped for a v2 host.
-                "memory.limit_in_bytes" if v2 => "memory.max",
-                other => other,
-            };
-            let path = dir.join(v2_file);
-            std::fs::write(&path, value).map_err(io_err("cannot write cgroup setting", &path))?;
         }
-        Ok(())
+        Ok(Self { cgroup })
     }
 
-    /// Moves the calling process into every cgroup ("0" is the caller in
+    /// Moves the calling process into the cgroup ("0" is the caller in
     /// both hierarchies and in any PID namespace).
     pub fn join(&self) -> Result<(), JailError> {
-        for dir in &self.dirs {
-            let procs = dir.join("cgroup.procs");
-            std::fs::write(&procs, "0").map_err(io_err("cannot join cgroup", &procs))?;
-        }
-        Ok(())
+        self.cgroup.join().map_err(JailError::Cgroup)
     }
 
-    /// Removes the (by then empty) cgroups; the kernel may take a moment to
-    /// release a cgroup whose last task just exited.
+    /// Removes the (by then empty) cgroup.
     pub fn remove(&self) {
-        for dir in &self.dirs {
-            for attempt in 0..50 {
-                match std::fs::remove_dir(dir) {
-                    Ok(()) => break,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => break,
-                    Err(e) if attempt == 49 => {
-                        tracing::warn!(dir = %dir.display(), error = %e, "cannot remove cgroup");
-                    }
-                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
-                }
-            }
-        }
+        self.cgroup.remove();
     }
-}
-
-fn enable_v2_controller(root: &Path, parent: &str, controller: &str) -> Result<(), JailError> {
-    let parent_dir = root.join(parent);
-    std::fs::create_dir_all(&parent_dir).map_err(io_err("cannot create cgroup", &parent_dir))?;
-    for dir in [root, parent_dir.as_path()] {
-        let control = dir.join("cgroup.subtree_control");
-        std::fs::write(&control, format!("+{controller}"))
-            .map_err(io_err("cannot enable cgroup controller", &control))?;
-    }
-    Ok(())
 }
 
 /// Everything the child needs, prepared before the fork.

@@ -27,8 +27,13 @@ pub struct GuestRam {
     pub size: u64,
 }
 
+/// The guest RAM memfd's name: `/memfd:microvm-guest-ram (deleted)` in
+/// `/proc/<pid>/smaps` of the VMM and of every vhost-user back-end that
+/// maps it (how `cri-bench` tells guest RAM from the VMM's own memory).
+pub const GUEST_RAM_MEMFD_NAME: &CStr = c"microvm-guest-ram";
+
 pub fn create_guest_memory(size: u64) -> Result<GuestRam, MemoryError> {
-    let name: &CStr = c"microvm-guest-ram";
+    let name = GUEST_RAM_MEMFD_NAME;
     // SAFETY: `name` is a valid NUL-terminated string; the flags are valid and
     // the returned fd is checked before use.
     let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
@@ -83,7 +88,8 @@ mod tests {
         ))
         .unwrap();
         assert!(
-            link.to_string_lossy().contains("memfd:microvm-guest-ram"),
+            link.to_string_lossy()
+                .contains(&format!("memfd:{}", GUEST_RAM_MEMFD_NAME.to_string_lossy())),
             "{link:?}"
         );
         let total: u64 = ram.memory.iter().map(|r| r.len()).sum();

@@ -13,6 +13,9 @@ use crate::stop::StopReason;
 use crate::vm::{Vm, VmError};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use microvm_devices::legacy::{DebugPortEvent, I8042Event};
+/// Re-exported: the one `error_chain` of the workspace, for the binary and
+/// the integration tests.
+pub use microvm_errors::error_chain;
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -380,19 +383,4 @@ fn state_name(state: VmState) -> String {
         .ok()
         .and_then(|v| v.as_str().map(str::to_owned))
         .unwrap_or_default()
-}
-
-/// "outer: inner: innermost", each level once.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        let inner_text = inner.to_string();
-        if !text.contains(&inner_text) {
-            text.push_str(": ");
-            text.push_str(&inner_text);
-        }
-        source = inner.source();
-    }
-    text
 }

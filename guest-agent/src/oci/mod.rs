@@ -12,9 +12,12 @@ pub mod mounts;
 pub mod process;
 pub mod seccomp;
 
-use crate::spawn::plan::{c_string, RootfsPlan};
+use crate::spawn::plan::{c_string, DeviceNode, MountStep, RootfsPlan};
 use mounts::CgroupMountSource;
-use oci_spec::runtime::{LinuxDeviceType, LinuxNamespaceType, LinuxResources, Spec};
+use oci_spec::runtime::{
+    LinuxDevice, LinuxDeviceType, LinuxNamespaceType, LinuxResources, Mount, Spec,
+};
+use std::collections::HashMap;
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
@@ -187,6 +190,9 @@ pub fn rootfs_path(spec: &Spec, bundle: Option<&Path>) -> Result<PathBuf, SpecEr
     Ok(full)
 }
 
+/// Everything about a container but its process, from `spec`: its mounts,
+/// devices, /dev symlinks, masked and read-only paths, propagation,
+/// sysctls, host and domain name, and seccomp filter.
 pub fn container_setup(
     spec: &Spec,
     bundle: Option<&Path>,
@@ -200,19 +206,99 @@ pub fn container_setup(
     } else {
         CgroupMountSource::Bind(cgroup_dir.to_path_buf())
     };
-
-    let mut labels = SetupLabels::default();
     let spec_mounts = spec.mounts().clone().unwrap_or_default();
-    let mut mount_steps = Vec::with_capacity(spec_mounts.len());
+    let planned_mounts = mount_steps(&spec_mounts, &rootfs_path, bundle, &cgroup_source)?;
+
+    let has_dev_mount = spec_mounts
+        .iter()
+        .any(|mount| mount.destination() == Path::new("/dev"));
+    let has_devpts = spec_mounts
+        .iter()
+        .any(|mount| mount.destination() == Path::new("/dev/pts"));
+    let spec_devices = linux.devices().clone().unwrap_or_default();
+    let devices = device_nodes(&spec_devices, has_dev_mount, &rootfs_path)?;
+    let symlinks = if has_dev_mount {
+        dev_symlinks(&rootfs_path, has_devpts)?
+    } else {
+        Labelled::default()
+    };
+
+    let masked = absolute_paths("linux.maskedPaths", linux.masked_paths().clone())?;
+    let readonly = absolute_paths("linux.readonlyPaths", linux.readonly_paths().clone())?;
+    let (initial_propagation, final_propagation) =
+        rootfs_propagation(linux.rootfs_propagation().as_deref().unwrap_or(""))?;
+    let sysctls = namespaced_sysctls(linux.sysctl().clone().unwrap_or_default())?;
+    let (hostname, domainname) = uts_names(spec, namespaces)?;
+    let seccomp = linux.seccomp().as_ref().map(seccomp::compile).transpose()?;
+    let readonly_root = spec
+        .root()
+        .as_ref()
+        .and_then(|root| root.readonly())
+        .unwrap_or(false);
+
+    let labels = SetupLabels {
+        mounts: planned_mounts.labels,
+        devices: devices.labels,
+        symlinks: symlinks.labels,
+        masked_paths: masked.iter().map(|(_, path)| path.clone()).collect(),
+        readonly_paths: readonly.iter().map(|(_, path)| path.clone()).collect(),
+        sysctls: sysctls.labels,
+    };
+    Ok(ContainerSetup {
+        rootfs: RootfsPlan {
+            root: mounts::path_c_string("root.path", &rootfs_path)?,
+            initial_propagation,
+            final_propagation,
+            mounts: planned_mounts.items,
+            devices: devices.items,
+            symlinks: symlinks.items,
+            masked_paths: masked.into_iter().map(|(path, _)| path).collect(),
+            readonly_paths: readonly.into_iter().map(|(path, _)| path).collect(),
+            readonly_root,
+        },
+        rootfs_path,
+        hostname,
+        domainname,
+        sysctls: sysctls.items,
+        seccomp,
+        labels,
+        resources: linux.resources().clone(),
+    })
+}
+
+/// Steps of a plan and a label for each, for the child's failure messages.
+struct Labelled<T> {
+    items: Vec<T>,
+    labels: Vec<String>,
+}
+
+impl<T> Default for Labelled<T> {
+    fn default() -> Self {
+        Self {
+            items: Vec::new(),
+            labels: Vec::new(),
+        }
+    }
+}
+
+/// The spec's mounts, resolved inside the rootfs, and their labels.
+fn mount_steps(
+    spec_mounts: &[Mount],
+    rootfs_path: &Path,
+    bundle: Option<&Path>,
+    cgroup_source: &CgroupMountSource,
+) -> Result<Labelled<MountStep>, SpecError> {
+    let mut steps = Vec::with_capacity(spec_mounts.len());
+    let mut labels = Vec::with_capacity(spec_mounts.len());
     for (index, mount) in spec_mounts.iter().enumerate() {
-        mount_steps.push(mounts::mount_step(
+        steps.push(mounts::mount_step(
             index,
             mount,
-            &rootfs_path,
+            rootfs_path,
             bundle,
-            &cgroup_source,
+            cgroup_source,
         )?);
-        labels.mounts.push(format!(
+        labels.push(format!(
             "mount of {} {} on {}",
             mount.typ().as_deref().unwrap_or("(no type)"),
             mount
@@ -223,15 +309,21 @@ pub fn container_setup(
             mount.destination().display()
         ));
     }
+    Ok(Labelled {
+        items: steps,
+        labels,
+    })
+}
 
-    let has_dev_mount = spec_mounts
-        .iter()
-        .any(|mount| mount.destination() == Path::new("/dev"));
-    let has_devpts = spec_mounts
-        .iter()
-        .any(|mount| mount.destination() == Path::new("/dev/pts"));
-    let spec_devices = linux.devices().clone().unwrap_or_default();
+/// The device nodes to create: the default ones when the spec mounts its
+/// own /dev (unless the spec lists them itself), then the spec's.
+fn device_nodes(
+    spec_devices: &[LinuxDevice],
+    has_dev_mount: bool,
+    rootfs_path: &Path,
+) -> Result<Labelled<DeviceNode>, SpecError> {
     let mut devices = Vec::new();
+    let mut labels = Vec::new();
     if has_dev_mount {
         for device in mounts::default_devices() {
             if spec_devices
@@ -240,108 +332,142 @@ pub fn container_setup(
             {
                 continue;
             }
-            devices.push(mounts::device_node(devices.len(), &rootfs_path, &device)?);
-            labels
-                .devices
-                .push(format!("device {}", device.path().display()));
+            devices.push(mounts::device_node(devices.len(), rootfs_path, &device)?);
+            labels.push(format!("device {}", device.path().display()));
         }
     }
     for (index, device) in spec_devices.iter().enumerate() {
         if device.typ() == LinuxDeviceType::A {
             continue;
         }
-        devices.push(mounts::device_node(index, &rootfs_path, device)?);
-        labels
-            .devices
-            .push(format!("device {}", device.path().display()));
+        devices.push(mounts::device_node(index, rootfs_path, device)?);
+        labels.push(format!("device {}", device.path().display()));
     }
+    Ok(Labelled {
+        items: devices,
+        labels,
+    })
+}
 
-    let mut symlinks = Vec::new();
-    if has_dev_mount {
-        let mut links = vec![
-            ("/proc/self/fd", "/dev/fd"),
-            ("/proc/self/fd/0", "/dev/stdin"),
-            ("/proc/self/fd/1", "/dev/stdout"),
-            ("/proc/self/fd/2", "/dev/stderr"),
-        ];
-        if has_devpts {
-            links.push(("pts/ptmx", "/dev/ptmx"));
-        }
-        for (target, link) in links {
-            let link_path = mounts::secure_join(&rootfs_path, Path::new(link)).map_err(|err| {
-                SpecError::InvalidValue {
-                    field: "mounts".into(),
-                    reason: format!("cannot resolve {link}: {err}"),
-                }
-            })?;
-            symlinks.push((
-                c_string("symlink", target)?,
-                mounts::path_c_string("symlink", &link_path)?,
-            ));
-            labels.symlinks.push(format!("symlink {link} -> {target}"));
-        }
+/// The symlinks of a container's own /dev (fd, stdin, stdout, stderr, and
+/// ptmx with a devpts), as (target, link path) pairs, and their labels.
+fn dev_symlinks(
+    rootfs_path: &Path,
+    has_devpts: bool,
+) -> Result<Labelled<(CString, CString)>, SpecError> {
+    let mut links = vec![
+        ("/proc/self/fd", "/dev/fd"),
+        ("/proc/self/fd/0", "/dev/stdin"),
+        ("/proc/self/fd/1", "/dev/stdout"),
+        ("/proc/self/fd/2", "/dev/stderr"),
+    ];
+    if has_devpts {
+        links.push(("pts/ptmx", "/dev/ptmx"));
     }
-
-    let absolute_list = |field: &str, paths: Option<Vec<String>>| {
-        paths
-            .unwrap_or_default()
-            .into_iter()
-            .map(|path| {
-                if !path.starts_with('/') {
-                    return Err(SpecError::InvalidValue {
-                        field: field.to_owned(),
-                        reason: format!("{path} is not absolute"),
-                    });
-                }
-                Ok((c_string(field, &path)?, path))
-            })
-            .collect::<Result<Vec<_>, _>>()
-    };
-    let masked = absolute_list("linux.maskedPaths", linux.masked_paths().clone())?;
-    let readonly = absolute_list("linux.readonlyPaths", linux.readonly_paths().clone())?;
-    labels.masked_paths = masked.iter().map(|(_, path)| path.clone()).collect();
-    labels.readonly_paths = readonly.iter().map(|(_, path)| path.clone()).collect();
-
-    let (initial_propagation, final_propagation) =
-        match linux.rootfs_propagation().as_deref().unwrap_or("") {
-            "" | "slave" | "rslave" => (libc::MS_SLAVE | libc::MS_REC, None),
-            "private" | "rprivate" => (libc::MS_PRIVATE | libc::MS_REC, None),
-            "shared" | "rshared" => (
-                libc::MS_SLAVE | libc::MS_REC,
-                Some(libc::MS_SHARED | libc::MS_REC),
-            ),
-            "unbindable" | "runbindable" => (
-                libc::MS_SLAVE | libc::MS_REC,
-                Some(libc::MS_UNBINDABLE | libc::MS_REC),
-            ),
-            other => {
-                return Err(SpecError::InvalidValue {
-                    field: "linux.rootfsPropagation".into(),
-                    reason: format!("unknown propagation {other:?}"),
-                })
+    let mut symlinks = Vec::with_capacity(links.len());
+    let mut labels = Vec::with_capacity(links.len());
+    for (target, link) in links {
+        let link_path = mounts::secure_join(rootfs_path, Path::new(link)).map_err(|err| {
+            SpecError::InvalidValue {
+                field: "mounts".into(),
+                reason: format!("cannot resolve {link}: {err}"),
             }
-        };
+        })?;
+        symlinks.push((
+            c_string("symlink", target)?,
+            mounts::path_c_string("symlink", &link_path)?,
+        ));
+        labels.push(format!("symlink {link} -> {target}"));
+    }
+    Ok(Labelled {
+        items: symlinks,
+        labels,
+    })
+}
 
-    let mut sysctls = Vec::new();
-    let mut sysctl_map: Vec<(String, String)> = linux
-        .sysctl()
-        .clone()
+/// Masked or read-only paths: each absolute, as (C string, text).
+fn absolute_paths(
+    field: &str,
+    paths: Option<Vec<String>>,
+) -> Result<Vec<(CString, String)>, SpecError> {
+    paths
         .unwrap_or_default()
         .into_iter()
-        .collect();
+        .map(|path| {
+            if !path.starts_with('/') {
+                return Err(SpecError::InvalidValue {
+                    field: field.to_owned(),
+                    reason: format!("{path} is not absolute"),
+                });
+            }
+            Ok((c_string(field, &path)?, path))
+        })
+        .collect()
+}
+
+/// linux.rootfsPropagation as (propagation of "/" before the mounts,
+/// propagation of the new "/" after pivot_root).
+fn rootfs_propagation(
+    propagation: &str,
+) -> Result<(libc::c_ulong, Option<libc::c_ulong>), SpecError> {
+    Ok(match propagation {
+        "" | "slave" | "rslave" => (libc::MS_SLAVE | libc::MS_REC, None),
+        "private" | "rprivate" => (libc::MS_PRIVATE | libc::MS_REC, None),
+        "shared" | "rshared" => (
+            libc::MS_SLAVE | libc::MS_REC,
+            Some(libc::MS_SHARED | libc::MS_REC),
+        ),
+        "unbindable" | "runbindable" => (
+            libc::MS_SLAVE | libc::MS_REC,
+            Some(libc::MS_UNBINDABLE | libc::MS_REC),
+        ),
+        other => {
+            return Err(SpecError::InvalidValue {
+                field: "linux.rootfsPropagation".into(),
+                reason: format!("unknown propagation {other:?}"),
+            })
+        }
+    })
+}
+
+/// linux.sysctl as (path under /proc/sys, value) pairs, sorted by key, and
+/// their labels. Namespaced sysctls only, every refused key named
+/// (crate::sysctl); the child writes them before /proc/sys goes read-only.
+fn namespaced_sysctls(
+    sysctl: HashMap<String, String>,
+) -> Result<Labelled<(CString, CString)>, SpecError> {
+    let mut sysctl_map: Vec<(String, String)> = sysctl.into_iter().collect();
     sysctl_map.sort();
-    for (key, value) in sysctl_map {
-        let path = sysctl_path(&key).ok_or_else(|| SpecError::InvalidValue {
-            field: "linux.sysctl".into(),
-            reason: format!("{key:?} is not a sysctl name"),
-        })?;
+    let checked = crate::sysctl::check(
+        sysctl_map
+            .iter()
+            .map(|(key, value)| (key.as_str(), value.as_str())),
+    )
+    .map_err(|err| SpecError::InvalidValue {
+        field: "linux.sysctl".into(),
+        reason: err.to_string(),
+    })?;
+    let mut sysctls = Vec::with_capacity(checked.len());
+    let mut labels = Vec::with_capacity(checked.len());
+    for ((key, value), (path, _)) in sysctl_map.iter().zip(checked) {
         sysctls.push((
             c_string("linux.sysctl", &path)?,
-            c_string("linux.sysctl", &value)?,
+            c_string("linux.sysctl", value)?,
         ));
-        labels.sysctls.push(format!("sysctl {key}={value}"));
+        labels.push(format!("sysctl {key}={value}"));
     }
+    Ok(Labelled {
+        items: sysctls,
+        labels,
+    })
+}
 
+/// The host and domain name to set: only in the container's own UTS
+/// namespace, and only when not empty.
+fn uts_names(
+    spec: &Spec,
+    namespaces: &NamespacePlan,
+) -> Result<(Option<CString>, Option<CString>), SpecError> {
     let hostname = match spec.hostname() {
         Some(name) if namespaces.own_uts && !name.is_empty() => Some(c_string("hostname", name)?),
         _ => None,
@@ -350,46 +476,7 @@ pub fn container_setup(
         Some(name) if namespaces.own_uts && !name.is_empty() => Some(c_string("domainname", name)?),
         _ => None,
     };
-    let seccomp = linux.seccomp().as_ref().map(seccomp::compile).transpose()?;
-    let readonly_root = spec
-        .root()
-        .as_ref()
-        .and_then(|root| root.readonly())
-        .unwrap_or(false);
-
-    Ok(ContainerSetup {
-        rootfs: RootfsPlan {
-            root: mounts::path_c_string("root.path", &rootfs_path)?,
-            initial_propagation,
-            final_propagation,
-            mounts: mount_steps,
-            devices,
-            symlinks,
-            masked_paths: masked.into_iter().map(|(path, _)| path).collect(),
-            readonly_paths: readonly.into_iter().map(|(path, _)| path).collect(),
-            readonly_root,
-        },
-        rootfs_path,
-        hostname,
-        domainname,
-        sysctls,
-        seccomp,
-        labels,
-        resources: linux.resources().clone(),
-    })
-}
-
-/// "net.ipv4.ip_forward" → "/proc/sys/net/ipv4/ip_forward"; None for
-/// names that are not plain dotted (or slashed) words.
-pub fn sysctl_path(key: &str) -> Option<String> {
-    let valid = !key.is_empty()
-        && key
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'))
-        && !key
-            .split(['.', '/'])
-            .any(|part| part.is_empty() || part == "..");
-    valid.then(|| format!("/proc/sys/{}", key.replace('.', "/")))
+    Ok((hostname, domainname))
 }
 
 #[cfg(test)]
@@ -451,15 +538,54 @@ mod tests {
     }
 
     #[test]
-    fn sysctl_names_map_to_proc_sys() {
+    fn only_namespaced_sysctls_pass_and_refused_ones_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("rootfs")).unwrap();
+        let with_sysctls = |sysctls: serde_json::Value| {
+            spec(serde_json::json!({
+                "ociVersion": "1.0.2",
+                "root": {"path": "rootfs"},
+                "linux": {"namespaces": [{"type": "mount"}], "sysctl": sysctls}
+            }))
+        };
+        let setup = |spec: &Spec| {
+            container_setup(
+                spec,
+                Some(dir.path()),
+                &NamespacePlan::default(),
+                Path::new("/sys/fs/cgroup/x"),
+            )
+        };
+        let ok = setup(&with_sysctls(serde_json::json!({
+            "net.ipv4.ip_unprivileged_port_start": "0",
+            "kernel.shm_rmid_forced": "1"
+        })))
+        .ok()
+        .unwrap();
         assert_eq!(
-            sysctl_path("net.ipv4.ip_forward").as_deref(),
-            Some("/proc/sys/net/ipv4/ip_forward")
+            ok.sysctls,
+            vec![
+                (
+                    c"/proc/sys/kernel/shm_rmid_forced".to_owned(),
+                    c"1".to_owned()
+                ),
+                (
+                    c"/proc/sys/net/ipv4/ip_unprivileged_port_start".to_owned(),
+                    c"0".to_owned()
+                ),
+            ]
         );
-        assert_eq!(sysctl_path("../../etc/passwd"), None);
-        assert_eq!(sysctl_path("kernel..x"), None);
-        assert_eq!(sysctl_path(""), None);
-        assert_eq!(sysctl_path("a b"), None);
+        let err = setup(&with_sysctls(
+            serde_json::json!({"kernel.panic": "1", "net.ipv4.ip_forward": "1"}),
+        ))
+        .err()
+        .unwrap();
+        assert_eq!(err.grpc_code(), tonic::Code::InvalidArgument);
+        assert!(
+            err.to_string()
+                .contains("\"kernel.panic\" is not namespaced"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -75,17 +75,7 @@ pub fn prepare(
         .find_map(|entry| entry.strip_prefix("PATH="))
         .unwrap_or(DEFAULT_PATH)
         .to_owned();
-    let exec_candidates = if program.contains('/') {
-        vec![c_string("process.args[0]", program)?]
-    } else {
-        search_path
-            .split(':')
-            .map(|dir| {
-                let dir = if dir.is_empty() { "." } else { dir };
-                c_string("PATH", &format!("{dir}/{program}"))
-            })
-            .collect::<Result<_, _>>()?
-    };
+    let exec_candidates = exec_candidates(program, &search_path)?;
 
     let argv = args
         .iter()
@@ -98,63 +88,11 @@ pub fn prepare(
         .map(|(index, entry)| c_string(&format!("process.env[{index}]"), entry))
         .collect::<Result<Vec<_>, _>>()?;
 
-    let capabilities = process
-        .capabilities()
-        .as_ref()
-        .map(|caps| {
-            Ok::<_, SpecError>(CapabilitySets {
-                bounding: capability_mask(caps.bounding().as_ref(), last_capability)?,
-                effective: capability_mask(caps.effective().as_ref(), last_capability)?,
-                permitted: capability_mask(caps.permitted().as_ref(), last_capability)?,
-                inheritable: capability_mask(caps.inheritable().as_ref(), last_capability)?,
-                ambient: capability_mask(caps.ambient().as_ref(), last_capability)?,
-            })
-        })
-        .transpose()?;
+    let capabilities = capability_sets(process, last_capability)?;
 
-    let mut rlimits = Vec::new();
-    let mut rlimit_labels = Vec::new();
-    for limit in process.rlimits().as_deref().unwrap_or_default() {
-        if limit.soft() > limit.hard() {
-            return Err(SpecError::InvalidValue {
-                field: "process.rlimits".into(),
-                reason: format!(
-                    "{:?}: soft limit {} is above the hard limit {}",
-                    limit.typ(),
-                    limit.soft(),
-                    limit.hard()
-                ),
-            });
-        }
-        rlimits.push((
-            rlimit_resource(limit.typ()),
-            libc::rlimit {
-                rlim_cur: limit.soft(),
-                rlim_max: limit.hard(),
-            },
-        ));
-        rlimit_labels.push(format!("{:?}", limit.typ()));
-    }
+    let (rlimits, rlimit_labels) = rlimits(process)?;
 
-    let io_priority = process
-        .io_priority()
-        .as_ref()
-        .map(|priority| {
-            let class = match priority.class() {
-                IOPriorityClass::IoprioClassRt => 1,
-                IOPriorityClass::IoprioClassBe => 2,
-                IOPriorityClass::IoprioClassIdle => 3,
-            };
-            let level = libc::c_int::try_from(priority.priority())
-                .ok()
-                .filter(|level| (0..8).contains(level))
-                .ok_or_else(|| SpecError::InvalidValue {
-                    field: "process.ioPriority.priority".into(),
-                    reason: format!("{} is not 0-7", priority.priority()),
-                })?;
-            Ok::<_, SpecError>((class << 13) | level)
-        })
-        .transpose()?;
+    let io_priority = io_priority(process)?;
 
     let console_size = process
         .console_size()
@@ -188,6 +126,95 @@ pub fn prepare(
         program: program.clone(),
         search_path,
     })
+}
+
+/// Paths tried in order for execve: the program itself if it has a slash,
+/// else the program in each directory of `search_path`.
+fn exec_candidates(program: &str, search_path: &str) -> Result<Vec<CString>, SpecError> {
+    if program.contains('/') {
+        return Ok(vec![c_string("process.args[0]", program)?]);
+    }
+    Ok(search_path
+        .split(':')
+        .map(|dir| {
+            let dir = if dir.is_empty() { "." } else { dir };
+            c_string("PATH", &format!("{dir}/{program}"))
+        })
+        .collect::<Result<_, _>>()?)
+}
+
+/// process.capabilities as bit masks (None: the spec gives none).
+fn capability_sets(
+    process: &Process,
+    last_capability: u32,
+) -> Result<Option<CapabilitySets>, SpecError> {
+    process
+        .capabilities()
+        .as_ref()
+        .map(|caps| {
+            Ok(CapabilitySets {
+                bounding: capability_mask(caps.bounding().as_ref(), last_capability)?,
+                effective: capability_mask(caps.effective().as_ref(), last_capability)?,
+                permitted: capability_mask(caps.permitted().as_ref(), last_capability)?,
+                inheritable: capability_mask(caps.inheritable().as_ref(), last_capability)?,
+                ambient: capability_mask(caps.ambient().as_ref(), last_capability)?,
+            })
+        })
+        .transpose()
+}
+
+/// process.rlimits as (resource, limit) pairs, and their names.
+fn rlimits(process: &Process) -> Result<RlimitPlan, SpecError> {
+    let mut rlimits = Vec::new();
+    let mut labels = Vec::new();
+    for limit in process.rlimits().as_deref().unwrap_or_default() {
+        if limit.soft() > limit.hard() {
+            return Err(SpecError::InvalidValue {
+                field: "process.rlimits".into(),
+                reason: format!(
+                    "{:?}: soft limit {} is above the hard limit {}",
+                    limit.typ(),
+                    limit.soft(),
+                    limit.hard()
+                ),
+            });
+        }
+        rlimits.push((
+            rlimit_resource(limit.typ()),
+            libc::rlimit {
+                rlim_cur: limit.soft(),
+                rlim_max: limit.hard(),
+            },
+        ));
+        labels.push(format!("{:?}", limit.typ()));
+    }
+    Ok((rlimits, labels))
+}
+
+/// (resource, limit) pairs for setrlimit, and the names of the resources.
+type RlimitPlan = (Vec<(libc::c_int, libc::rlimit)>, Vec<String>);
+
+/// process.ioPriority as the ioprio_set value.
+fn io_priority(process: &Process) -> Result<Option<libc::c_int>, SpecError> {
+    process
+        .io_priority()
+        .as_ref()
+        .map(|priority| {
+            let class = match priority.class() {
+                IOPriorityClass::IoprioClassRt => 1,
+                IOPriorityClass::IoprioClassBe => 2,
+                IOPriorityClass::IoprioClassIdle => 3,
+            };
+            let level = libc::c_int::try_from(priority.priority())
+                .ok()
+                .filter(|level| (0..8).contains(level))
+                .ok_or_else(|| SpecError::InvalidValue {
+                    field: "process.ioPriority.priority".into(),
+                    reason: format!("{} is not 0-7", priority.priority()),
+                })?;
+            Ok((class << 13) | level)
+        })
+        .transpose()
 }
 
 /// Bit mask of `caps`; names the running kernel does not know are left out

@@ -1,46 +1,38 @@
 //! The OCI runtime of the pod: containers, their processes and the pod's
 //! shared PID namespace. The gRPC layer ([`crate::server`]) only maps
-//! requests onto this.
+//! requests onto this. Both a container's first process and an exec start
+//! through [`launch`].
 //!
 //! Locks: `containers` and each container's `execs` are std mutexes held
 //! only for map lookups and inserts, never across an await; take
 //! `containers` before `execs` when both are needed.
 
 pub mod error;
+mod launch;
 pub mod process;
 
 use crate::cgroup::{CgroupRoot, CgroupStats, ContainerCgroup};
-use crate::events::{AgentEvent, EventBus, OomWatcher};
-use crate::oci::{self, process::PreparedProcess, seccomp::CompiledSeccomp};
-use crate::spawn::plan::{ChildPlan, ChildStdio, SeccompProgram};
+use crate::events::{EventBus, OomWatcher};
+use crate::lock::lock;
+use crate::oci::NamespacePlan;
+use crate::oci::{self, process::PreparedProcess, seccomp::CompiledSeccomp, ContainerSetup};
+use crate::spawn::plan::{ChildPlan, ChildStdio};
 use crate::spawn::sync::{self, SyncSocket};
 use crate::spawn::{Spawned, Spawner};
-use crate::stdio::{self, OutputPipe, StdinPipe};
+use crate::stdio;
 pub use error::{validate_id, RuntimeError};
+use launch::{io_error, LaunchRequest, Launched, NewContainer, Placement};
 use oci_spec::runtime::{LinuxResources, Process as OciProcess};
 use process::{await_setup, describe_failure, Process, SetupOutcome, StepLabels};
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::watch;
 
 /// How long removal waits for a container's processes to die.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Namespaces an exec enters through the init's pidfd (PID is entered on
-/// the spawner thread).
-const EXEC_NAMESPACES: libc::c_int = libc::CLONE_NEWNS
-    | libc::CLONE_NEWIPC
-    | libc::CLONE_NEWUTS
-    | libc::CLONE_NEWNET
-    | libc::CLONE_NEWCGROUP;
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// A container's state, as containerd names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,6 +124,27 @@ struct PodPidNamespace {
     namespace: OwnedFd,
 }
 
+/// What Create learns from the spec before it makes anything.
+struct ContainerPlan {
+    namespaces: NamespacePlan,
+    /// A duplicate of the pod's PID namespace, when the spec joins it.
+    pod_pid: Option<OwnedFd>,
+    cgroup_dir: PathBuf,
+    setup: ContainerSetup,
+    process: PreparedProcess,
+    /// The spec's process.cwd, for messages.
+    cwd_label: String,
+}
+
+/// A container's first process, waiting for Start, and what the container
+/// keeps of its making.
+struct StartedInit {
+    launched: Launched,
+    cgroup_fd: OwnedFd,
+    seccomp: Option<Arc<CompiledSeccomp>>,
+    rootfs_path: PathBuf,
+}
+
 pub struct Runtime {
     cgroups: CgroupRoot,
     spawner: Spawner,
@@ -181,19 +194,6 @@ fn reserve<'a, T>(
     })
 }
 
-/// Kills a half-made process unless disarmed.
-struct KillOnDrop<'a> {
-    pidfd: Option<&'a OwnedFd>,
-}
-
-impl Drop for KillOnDrop<'_> {
-    fn drop(&mut self) {
-        if let Some(pidfd) = self.pidfd {
-            let _ = crate::spawn::pidfd_signal(pidfd, libc::SIGKILL);
-        }
-    }
-}
-
 fn last_capability() -> u32 {
     std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
@@ -214,94 +214,6 @@ fn dup(fd: &OwnedFd) -> io::Result<OwnedFd> {
     let duplicate = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3))?;
     // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor owned by no one else.
     Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(duplicate) })
-}
-
-fn seccomp_programs(seccomp: Option<&CompiledSeccomp>) -> (Vec<SeccompProgram>, libc::c_ulong) {
-    match seccomp {
-        Some(compiled) => (
-            compiled
-                .programs
-                .iter()
-                .map(|program| SeccompProgram {
-                    filter: program.filter.clone(),
-                })
-                .collect(),
-            compiled.flags,
-        ),
-        None => (Vec::new(), 0),
-    }
-}
-
-/// The agent's ends of a process's stdio pipes (none with a pty).
-struct AgentEnds {
-    stdin: Option<OwnedFd>,
-    stdout: Option<OwnedFd>,
-    stderr: Option<OwnedFd>,
-}
-
-/// The child's stdio and the agent's ends of it.
-fn make_stdio(prepared: &PreparedProcess, want_stdin: bool) -> io::Result<(ChildStdio, AgentEnds)> {
-    if prepared.terminal {
-        return Ok((
-            ChildStdio::Pty {
-                rows: prepared.console_size.0,
-                columns: prepared.console_size.1,
-            },
-            AgentEnds {
-                stdin: None,
-                stdout: None,
-                stderr: None,
-            },
-        ));
-    }
-    let (stdin_child, stdin_agent) = if want_stdin {
-        let (read, write) = stdio::pipe()?;
-        (read, Some(write))
-    } else {
-        (stdio::dev_null()?, None)
-    };
-    let (stdout_agent, stdout_child) = stdio::output_pipe()?;
-    let (stderr_agent, stderr_child) = stdio::output_pipe()?;
-    Ok((
-        ChildStdio::Pipes {
-            stdin: stdin_child,
-            stdout: stdout_child,
-            stderr: stderr_child,
-        },
-        AgentEnds {
-            stdin: stdin_agent,
-            stdout: Some(stdout_agent),
-            stderr: Some(stderr_agent),
-        },
-    ))
-}
-
-/// The agent's side of stdio once the child is set up.
-fn agent_stdio(
-    ends: AgentEnds,
-    pty_master: Option<OwnedFd>,
-) -> io::Result<(Option<StdinPipe>, OutputPipe, OutputPipe, Option<OwnedFd>)> {
-    if let Some(master) = pty_master {
-        let stdin = StdinPipe::new(dup(&master)?, true)?;
-        let resize = dup(&master)?;
-        let stdout = OutputPipe::new("stdout", master, true)?;
-        return Ok((
-            Some(stdin),
-            stdout,
-            OutputPipe::finished("stderr"),
-            Some(resize),
-        ));
-    }
-    let stdin = ends.stdin.map(|fd| StdinPipe::new(fd, false)).transpose()?;
-    let stdout = match ends.stdout {
-        Some(fd) => OutputPipe::new("stdout", fd, false)?,
-        None => OutputPipe::finished("stdout"),
-    };
-    let stderr = match ends.stderr {
-        Some(fd) => OutputPipe::new("stderr", fd, false)?,
-        None => OutputPipe::finished("stderr"),
-    };
-    Ok((stdin, stdout, stderr, None))
 }
 
 impl Runtime {
@@ -380,6 +292,55 @@ impl Runtime {
         let reservation = reserve(&self.containers, id, || {
             RuntimeError::ContainerExists(id.to_owned())
         })?;
+        let plan = self.plan_container(&request)?;
+        let cgroup = self
+            .cgroups
+            .create(&plan.cgroup_dir, plan.setup.resources.as_ref())
+            .map_err(|source| RuntimeError::Cgroup {
+                id: id.to_owned(),
+                source,
+            })?;
+        let init = match self.start_init(id, request.stdin, &cgroup, plan).await {
+            Ok(init) => init,
+            Err(err) => {
+                if let Err(cleanup) = cgroup.destroy(KILL_TIMEOUT).await {
+                    tracing::warn!(
+                        container = id,
+                        "cleaning up after a failed create: {cleanup}"
+                    );
+                }
+                return Err(err);
+            }
+        };
+        let StartedInit {
+            launched,
+            cgroup_fd,
+            seccomp,
+            rootfs_path,
+        } = init;
+        let pid = launched.process.pid;
+        self.oom.watch(id, &cgroup.memory_events_path());
+        let container = Arc::new(Container {
+            id: id.to_owned(),
+            init: launched.process,
+            execs: Mutex::new(HashMap::new()),
+            start: tokio::sync::Mutex::new(Some(launched.sync)),
+            started: std::sync::atomic::AtomicBool::new(false),
+            removing: std::sync::atomic::AtomicBool::new(false),
+            cgroup,
+            cgroup_fd,
+            seccomp,
+            rootfs: rootfs_path,
+            labels: launched.labels,
+        });
+        reservation.fill(container);
+        tracing::info!(container = id, pid, "created");
+        Ok(pid)
+    }
+
+    /// Reads what Create needs from the spec, before anything is made.
+    fn plan_container(&self, request: &CreateRequest<'_>) -> Result<ContainerPlan, RuntimeError> {
+        let id = request.id;
         let spec_error = |source| RuntimeError::Spec {
             id: id.to_owned(),
             source,
@@ -396,10 +357,6 @@ impl Runtime {
             .transpose()
             .map_err(RuntimeError::PodNamespace)?;
         let namespaces = oci::namespace_plan(&spec, pod_pid.is_some()).map_err(spec_error)?;
-        let cgroup_error = |source| RuntimeError::Cgroup {
-            id: id.to_owned(),
-            source,
-        };
         let cgroups_path = spec
             .linux()
             .as_ref()
@@ -407,10 +364,13 @@ impl Runtime {
         let cgroup_dir = self
             .cgroups
             .container_dir(cgroups_path.as_deref(), id)
-            .map_err(cgroup_error)?;
+            .map_err(|source| RuntimeError::Cgroup {
+                id: id.to_owned(),
+                source,
+            })?;
         let setup = oci::container_setup(&spec, request.bundle, &namespaces, &cgroup_dir)
             .map_err(spec_error)?;
-        let prepared =
+        let process =
             oci::process::prepare(oci_process, Some(&setup.rootfs_path), self.last_capability)
                 .map_err(spec_error)?;
         for name in setup
@@ -430,219 +390,75 @@ impl Runtime {
                 "ignoring OCI hooks: host hooks cannot run in the VM"
             );
         }
-
-        let cgroup = self
-            .cgroups
-            .create(&cgroup_dir, setup.resources.as_ref())
-            .map_err(cgroup_error)?;
-        let io_error = |what: &str| {
-            let what = what.to_owned();
-            move |source| RuntimeError::Io {
-                id: id.to_owned(),
-                what,
-                source,
-            }
-        };
-        let result = async {
-            let cgroup_fd = open_dir(cgroup.dir()).map_err(io_error("opening the cgroup"))?;
-            let (child_stdio, ends) =
-                make_stdio(&prepared, request.stdin).map_err(io_error("making stdio pipes"))?;
-            let (sync_agent, sync_child) =
-                sync::pair().map_err(io_error("making the sync socket"))?;
-            let sync_socket = SyncSocket::new(sync_agent).map_err(io_error("the sync socket"))?;
-            let labels = StepLabels {
-                setup: setup.labels.clone(),
-                program: prepared.program.clone(),
-                search_path: prepared.search_path.clone(),
-                cwd: oci_process.cwd().display().to_string(),
-                rlimits: prepared.rlimit_labels.clone(),
-                user: format!(
-                    "uid {} gid {}",
-                    prepared.credentials.uid, prepared.credentials.gid
-                ),
-            };
-            let seccomp = setup.seccomp.map(Arc::new);
-            let (seccomp_programs, seccomp_flags) = seccomp_programs(seccomp.as_deref());
-            let PreparedProcess {
-                argv,
-                envp,
-                exec_candidates,
-                cwd,
-                credentials,
-                capabilities,
-                no_new_privileges,
-                rlimits,
-                io_priority,
-                umask,
-                oom_score_adj,
-                ..
-            } = prepared;
-            let plan = ChildPlan {
-                new_namespaces: namespaces.new_namespaces,
-                join_pid_namespace: if namespaces.join_pod_pid {
-                    pod_pid
-                } else {
-                    None
-                },
-                setns: Vec::new(),
-                cgroup: Some(dup(&cgroup_fd).map_err(io_error("duplicating the cgroup fd"))?),
-                sync: sync_child,
-                stdio: child_stdio,
-                rootfs: Some(setup.rootfs),
-                hostname: setup.hostname,
-                domainname: setup.domainname,
-                sysctls: setup.sysctls,
-                rlimits,
-                io_priority,
-                umask,
-                credentials,
-                capabilities,
-                last_capability: self.last_capability,
-                no_new_privileges,
-                seccomp: seccomp_programs,
-                seccomp_flags,
-                cwd,
-                exec_candidates,
-                argv,
-                envp,
-                wait_for_start: true,
-                namespace_holder: false,
-            };
-            let spawned = self
-                .spawner
-                .spawn(plan)
-                .await
-                .map_err(io_error("clone3 of the container process"))?;
-            let kill_guard = KillOnDrop {
-                pidfd: Some(&spawned.pidfd),
-            };
-            if let Some(score) = oom_score_adj {
-                set_oom_score_adj(spawned.pid, score);
-            }
-            let outcome = await_setup(&sync_socket, true)
-                .await
-                .map_err(io_error("reading the sync socket"))?;
-            let pty_master = match outcome {
-                SetupOutcome::Done { pty_master } => pty_master,
-                SetupOutcome::Failed { step, index, errno } => {
-                    let (step, code) = describe_failure(step, index, &labels);
-                    return Err(RuntimeError::Setup {
-                        container_id: id.to_owned(),
-                        exec_id: String::new(),
-                        step,
-                        code,
-                        source: io::Error::from_raw_os_error(errno),
-                    });
-                }
-                SetupOutcome::Closed => {
-                    return Err(RuntimeError::ExitedDuringSetup {
-                        container_id: id.to_owned(),
-                        exec_id: String::new(),
-                    })
-                }
-            };
-            let (stdin, stdout, stderr, pty) =
-                agent_stdio(ends, pty_master).map_err(io_error("stdio"))?;
-            drop(kill_guard_disarm(kill_guard));
-            Ok((
-                spawned,
-                stdin,
-                stdout,
-                stderr,
-                pty,
-                cgroup_fd,
-                sync_socket,
-                seccomp,
-                labels,
-            ))
-        }
-        .await;
-        let (spawned, stdin, stdout, stderr, pty, cgroup_fd, sync_socket, seccomp, labels) =
-            match result {
-                Ok(parts) => parts,
-                Err(err) => {
-                    if let Err(cleanup) = cgroup.destroy(KILL_TIMEOUT).await {
-                        tracing::warn!(
-                            container = id,
-                            "cleaning up after a failed create: {cleanup}"
-                        );
-                    }
-                    return Err(err);
-                }
-            };
-        let pid = u32::try_from(spawned.pid).unwrap_or_default();
-        let init = self.track_process(id, "", spawned, stdin, stdout, stderr, pty, true);
-        self.oom.watch(id, &cgroup.memory_events_path());
-        let container = Arc::new(Container {
-            id: id.to_owned(),
-            init,
-            execs: Mutex::new(HashMap::new()),
-            start: tokio::sync::Mutex::new(Some(sync_socket)),
-            started: std::sync::atomic::AtomicBool::new(false),
-            removing: std::sync::atomic::AtomicBool::new(false),
-            cgroup,
-            cgroup_fd,
-            seccomp,
-            rootfs: setup.rootfs_path,
-            labels,
-        });
-        reservation.fill(container);
-        tracing::info!(container = id, pid, "created");
-        Ok(pid)
+        Ok(ContainerPlan {
+            pod_pid: if namespaces.join_pod_pid {
+                pod_pid
+            } else {
+                None
+            },
+            namespaces,
+            cgroup_dir,
+            setup,
+            process,
+            cwd_label: oci_process.cwd().display().to_string(),
+        })
     }
 
-    /// Wraps a spawned process and starts the task that records its exit
-    /// and publishes it.
-    #[allow(clippy::too_many_arguments)]
-    fn track_process(
+    /// Starts a container's first process in the container's new cgroup,
+    /// up to where it waits for Start.
+    async fn start_init(
         &self,
-        container_id: &str,
-        exec_id: &str,
-        spawned: Spawned,
-        stdin: Option<StdinPipe>,
-        stdout: OutputPipe,
-        stderr: OutputPipe,
-        pty: Option<OwnedFd>,
-        is_init: bool,
-    ) -> Arc<Process> {
-        let (exit_tx, exit_rx) = watch::channel(None);
-        let pid = u32::try_from(spawned.pid).unwrap_or_default();
-        let process = Arc::new(Process {
-            container_id: container_id.to_owned(),
-            exec_id: exec_id.to_owned(),
-            pid,
-            pidfd: spawned.pidfd,
-            stdin,
-            stdout,
-            stderr,
-            pty,
-            exit: exit_rx,
-        });
-        let events = self.events.clone();
-        let oom = Arc::clone(&self.oom);
-        let container_id = container_id.to_owned();
-        let exec_id = exec_id.to_owned();
-        let exit = spawned.exit;
-        tokio::spawn(async move {
-            let Ok(exit) = exit.await else { return };
-            if is_init {
-                oom.check(&container_id);
-            }
-            let _ = exit_tx.send(Some(exit));
-            tracing::debug!(
-                container = container_id,
-                exec = exec_id,
-                code = exit.code,
-                "exited"
-            );
-            events.publish(AgentEvent::ProcessExited {
-                container_id,
-                exec_id,
-                pid,
-                exit,
-            });
-        });
-        process
+        id: &str,
+        stdin: bool,
+        cgroup: &ContainerCgroup,
+        plan: ContainerPlan,
+    ) -> Result<StartedInit, RuntimeError> {
+        let cgroup_fd = open_dir(cgroup.dir()).map_err(io_error(id, "opening the cgroup"))?;
+        let ContainerPlan {
+            namespaces,
+            pod_pid,
+            cgroup_dir: _,
+            setup,
+            process,
+            cwd_label,
+        } = plan;
+        let ContainerSetup {
+            rootfs_path,
+            rootfs,
+            hostname,
+            domainname,
+            sysctls,
+            seccomp,
+            labels,
+            resources: _,
+        } = setup;
+        let seccomp = seccomp.map(Arc::new);
+        let launched = self
+            .launch(LaunchRequest {
+                container_id: id,
+                exec_id: "",
+                process,
+                cwd_label,
+                stdin,
+                seccomp: seccomp.as_deref(),
+                placement: Placement::Init(Box::new(NewContainer {
+                    new_namespaces: namespaces.new_namespaces,
+                    pod_pid,
+                    cgroup: &cgroup_fd,
+                    rootfs,
+                    hostname,
+                    domainname,
+                    sysctls,
+                    labels,
+                })),
+            })
+            .await?;
+        Ok(StartedInit {
+            launched,
+            cgroup_fd,
+            seccomp,
+            rootfs_path,
+        })
     }
 
     /// Lets a created container's process execve.
@@ -731,121 +547,25 @@ impl Runtime {
         let oci_process: OciProcess = serde_json::from_slice(process_json)
             .map_err(oci::SpecError::Parse)
             .map_err(spec_error)?;
-        let prepared =
+        let process =
             oci::process::prepare(&oci_process, Some(&container.rootfs), self.last_capability)
                 .map_err(spec_error)?;
-        let io_error = |what: &str| {
-            let what = what.to_owned();
-            move |source| RuntimeError::Io {
-                id: container_id.to_owned(),
-                what,
-                source,
-            }
-        };
-        let (child_stdio, ends) =
-            make_stdio(&prepared, stdin).map_err(io_error("making stdio pipes"))?;
-        let (sync_agent, sync_child) = sync::pair().map_err(io_error("making the sync socket"))?;
-        let sync_socket = SyncSocket::new(sync_agent).map_err(io_error("the sync socket"))?;
-        let labels = StepLabels {
-            program: prepared.program.clone(),
-            search_path: prepared.search_path.clone(),
-            cwd: oci_process.cwd().display().to_string(),
-            rlimits: prepared.rlimit_labels.clone(),
-            user: format!(
-                "uid {} gid {}",
-                prepared.credentials.uid, prepared.credentials.gid
-            ),
-            ..StepLabels::default()
-        };
-        let (seccomp, seccomp_flags) = seccomp_programs(container.seccomp.as_deref());
-        let PreparedProcess {
-            argv,
-            envp,
-            exec_candidates,
-            cwd,
-            credentials,
-            capabilities,
-            no_new_privileges,
-            rlimits,
-            io_priority,
-            umask,
-            oom_score_adj,
-            ..
-        } = prepared;
-        let init_pidfd = &container.init.pidfd;
-        let plan = ChildPlan {
-            new_namespaces: 0,
-            join_pid_namespace: Some(dup(init_pidfd).map_err(io_error("duplicating the pidfd"))?),
-            setns: vec![(
-                dup(init_pidfd).map_err(io_error("duplicating the pidfd"))?,
-                EXEC_NAMESPACES,
-            )],
-            cgroup: Some(dup(&container.cgroup_fd).map_err(io_error("duplicating the cgroup fd"))?),
-            sync: sync_child,
-            stdio: child_stdio,
-            rootfs: None,
-            hostname: None,
-            domainname: None,
-            sysctls: Vec::new(),
-            rlimits,
-            io_priority,
-            umask,
-            credentials,
-            capabilities,
-            last_capability: self.last_capability,
-            no_new_privileges,
-            seccomp,
-            seccomp_flags,
-            cwd,
-            exec_candidates,
-            argv,
-            envp,
-            wait_for_start: false,
-            namespace_holder: false,
-        };
-        let spawned = self
-            .spawner
-            .spawn(plan)
-            .await
-            .map_err(io_error("clone3 of the exec process"))?;
-        let kill_guard = KillOnDrop {
-            pidfd: Some(&spawned.pidfd),
-        };
-        if let Some(score) = oom_score_adj {
-            set_oom_score_adj(spawned.pid, score);
-        }
-        let pty_master = match await_setup(&sync_socket, false)
-            .await
-            .map_err(io_error("reading the sync socket"))?
-        {
-            SetupOutcome::Done { pty_master } => pty_master,
-            SetupOutcome::Closed => None,
-            SetupOutcome::Failed { step, index, errno } => {
-                let (step, code) = describe_failure(step, index, &labels);
-                return Err(RuntimeError::Setup {
-                    container_id: container_id.to_owned(),
-                    exec_id: exec_id.to_owned(),
-                    step,
-                    code,
-                    source: io::Error::from_raw_os_error(errno),
-                });
-            }
-        };
-        let (stdin, stdout, stderr, pty) =
-            agent_stdio(ends, pty_master).map_err(io_error("stdio"))?;
-        drop(kill_guard_disarm(kill_guard));
-        let pid = u32::try_from(spawned.pid).unwrap_or_default();
-        let process = self.track_process(
-            container_id,
-            exec_id,
-            spawned,
-            stdin,
-            stdout,
-            stderr,
-            pty,
-            false,
-        );
-        reservation.fill(process);
+        let launched = self
+            .launch(LaunchRequest {
+                container_id,
+                exec_id,
+                process,
+                cwd_label: oci_process.cwd().display().to_string(),
+                stdin,
+                seccomp: container.seccomp.as_deref(),
+                placement: Placement::Exec {
+                    init_pidfd: &container.init.pidfd,
+                    cgroup: &container.cgroup_fd,
+                },
+            })
+            .await?;
+        let pid = launched.process.pid;
+        reservation.fill(launched.process);
         tracing::debug!(
             container = container_id,
             exec = exec_id,
@@ -1052,18 +772,5 @@ impl Runtime {
 
     pub fn has_pod_pid_namespace(&self) -> bool {
         lock(&self.pod_pid).is_some()
-    }
-}
-
-fn kill_guard_disarm(mut guard: KillOnDrop<'_>) -> KillOnDrop<'_> {
-    guard.pidfd = None;
-    guard
-}
-
-/// Best effort: a host without CAP_SYS_RESOURCE refuses negative values.
-fn set_oom_score_adj(pid: libc::pid_t, score: i32) {
-    let path = format!("/proc/{pid}/oom_score_adj");
-    if let Err(err) = std::fs::write(&path, score.to_string()) {
-        tracing::warn!("cannot set oom_score_adj {score} for pid {pid}: {err}");
     }
 }

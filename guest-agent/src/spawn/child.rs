@@ -145,6 +145,13 @@ fn setup_and_exec(plan: &ChildPlan) -> StepResult {
     if plan.namespace_holder {
         hold_namespaces();
     }
+    // Sysctls before the rootfs: /proc/sys is still the agent's (writable)
+    // here, and a write under it reaches the namespaces of the writer, which
+    // are now the container's. In the container's own /proc, /proc/sys is a
+    // read-only path by the time the rootfs is done.
+    for (index, (path, value)) in plan.sysctls.iter().enumerate() {
+        write_file(path, value.as_bytes()).map_err(|errno| fail(Step::Sysctl, index, errno))?;
+    }
     if let Some(rootfs) = &plan.rootfs {
         setup_rootfs(rootfs)?;
     }
@@ -157,9 +164,6 @@ fn setup_and_exec(plan: &ChildPlan) -> StepResult {
         // SAFETY: pointer and length describe the plan's C string.
         let rc = unsafe { libc::setdomainname(domainname.as_ptr(), domainname.as_bytes().len()) };
         check(rc.into(), Step::Domainname, 0)?;
-    }
-    for (index, (path, value)) in plan.sysctls.iter().enumerate() {
-        write_file(path, value.as_bytes()).map_err(|errno| fail(Step::Sysctl, index, errno))?;
     }
     setup_stdio(plan)?;
     for (index, (resource, limit)) in plan.rlimits.iter().enumerate() {

@@ -21,7 +21,7 @@ use plan::ChildPlan;
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 use tokio::sync::oneshot;
 
@@ -83,7 +83,7 @@ impl Reaper {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Waiters> {
-        self.waiters.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::lock::lock(&self.waiters)
     }
 
     /// Collects every exited child without blocking.

@@ -2,10 +2,12 @@
 //!
 //! containerd's CRI plugin makes the pod network namespace and a CNI plugin
 //! puts one veth (usually `eth0`) in it before the shim's Create. The VM
-//! runs inside that netns and talks through a persistent tap there. Two
-//! ingress `u32` match-all filters with a `mirred egress redirect` move every
-//! frame veth → tap and tap → veth, so the guest sees the pod's link as is;
-//! its interface takes the veth's MAC, MTU, addresses and routes (see
+//! runs inside that netns and talks through a persistent tap there. Ingress
+//! `u32` filters with a `mirred egress redirect` move every frame veth → tap
+//! and, from the tap, only the frames with the pod's MAC and addresses
+//! (ARP included; [`guard`]) tap → veth, dropping the rest; so the guest
+//! sees the pod's link as is but cannot spoof on it. Its interface takes
+//! the veth's MAC, MTU, addresses and routes (see
 //! [`PodNetwork::agent_requests`]).
 //!
 //! The VMM must open the tap by name (QEMU: `-netdev
@@ -19,11 +21,14 @@
 //! of its own that joins the netns first, and the shim's runtime threads
 //! never move. Call them from `tokio::task::spawn_blocking`.
 
+mod guard;
 mod link;
 mod netns;
+mod shaper;
 mod tap;
 
 pub use netns::NetnsForChild;
+pub use shaper::Bandwidth;
 
 use microvm_proto::agent::v1 as api;
 use std::path::{Path, PathBuf};
@@ -146,12 +151,27 @@ impl PodNetwork {
     /// as that uid/gid) or root may open. An existing tap is taken as it
     /// is.
     pub fn attach_owned_by(netns: &Path, tap: &str, owner: TapOwner) -> Result<Self, NetworkError> {
-        validate_tap_name(tap)?;
-        let tap_name = tap.to_owned();
-        netns::run_in_netns(netns, move |netns| link::attach(netns, &tap_name, owner))
+        Self::attach_with(netns, tap, owner, Bandwidth::default())
     }
 
-    /// Deletes the tap and the veth's ingress qdisc (and so its filter).
+    /// [`PodNetwork::attach_owned_by`], with the pod's traffic capped each
+    /// way at `bandwidth` (0: no cap; a cap left by an earlier attach is
+    /// then removed).
+    pub fn attach_with(
+        netns: &Path,
+        tap: &str,
+        owner: TapOwner,
+        bandwidth: Bandwidth,
+    ) -> Result<Self, NetworkError> {
+        validate_tap_name(tap)?;
+        let tap_name = tap.to_owned();
+        netns::run_in_netns(netns, move |netns| {
+            link::attach(netns, &tap_name, owner, bandwidth)
+        })
+    }
+
+    /// Deletes the tap, the veth's ingress qdisc (and so its filter) and
+    /// its cap.
     /// Blocking. A netns, tap or veth already gone is not an error.
     pub fn detach(&self) -> Result<(), NetworkError> {
         let tap = self.tap.clone();

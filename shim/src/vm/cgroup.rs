@@ -1,87 +1,111 @@
-//! The pod's host cgroup. The VM's host processes (VMM and helpers) start
-//! in the sandbox's `linux.cgroupsPath`, under kubelet's pod cgroup, so the
-//! node accounts the VM to the pod and CRI's PodSandboxStats (containerd
-//! reads the pod's cgroup on the host) shows what the VM uses.
+//! The pod's host cgroups. The VM's host processes run under the
+//! sandbox's `linux.cgroupsPath` (below kubelet's pod cgroup), so the node
+//! accounts the VM to the pod and containerd's PodSandboxStats (which reads
+//! that cgroup) shows what the VM costs. cgroupfs and systemd-driver paths,
+//! cgroup v1 and v2, through the host module the VMM's jail uses too
+//! (`microvm_host::cgroup`).
 //!
-//! cgroupfs paths only (`/kubepods/pod<uid>/<id>`), cgroup v1 (every
-//! mounted hierarchy) or v2. A systemd-driver path (`slice:prefix:name`)
-//! is not handled: the processes then stay in the shim's cgroup, and the
-//! shim logs that.
+//! Processes go into two leaves, because cgroup v2 lets only a cgroup
+//! without processes give its children controllers:
+//! - `<pod>/helpers`: virtiofsd, vhost-device-vsock and the builtin VMM's
+//!   jail supervisor;
+//! - `<pod>/vmm`: the VM itself (QEMU, or the jailed microvm-vmm, whose
+//!   jail writes its limits there), so one pod's limits never touch
+//!   another's.
+//!
+//! A pod without a cgroups path (a bare `ctr run --cgroup ""`) gets
+//! `microvm/<namespace>/<pod dir name>-<hash of its path>`.
 
+use microvm_host::cgroup::{self as host, Cgroup, CgroupsPath, Hierarchies};
 use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
-const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+pub use microvm_host::cgroup::CgroupError;
 
-#[derive(Debug, thiserror::Error)]
-pub enum CgroupError {
-    #[error("cgroups path {0:?} is not an absolute cgroupfs path (systemd cgroup paths are not supported)")]
-    Unsupported(String),
-    #[error("cannot create cgroup {path}")]
-    Create {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+/// The leaf for the pod's helper processes.
+pub const HELPERS: &str = "helpers";
+/// The leaf for the VM process.
+pub const VMM: &str = "vmm";
+/// Where pods without a cgroups path go.
+const FALLBACK_PARENT: &str = "microvm";
+/// What the pod's processes are accounted and limited by.
+const CONTROLLERS: &[&str] = &["cpu", "io", "memory", "pids"];
+
+/// Which of the pod's leaves a process joins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leaf {
+    Helpers,
+    Vmm,
 }
 
-/// The pod's cgroup, in every hierarchy; removed (with the parents this
-/// shim created) by [`HostCgroup::remove`].
-#[derive(Debug, Clone, Default)]
-pub struct HostCgroup {
-    /// The leaf in each hierarchy.
-    leaves: Vec<PathBuf>,
-    /// Directories this shim created, deepest first.
-    created: Vec<PathBuf>,
+#[derive(Debug, Clone)]
+pub struct PodCgroups {
+    pod: Cgroup,
+    helpers: Cgroup,
+    vmm: Cgroup,
 }
 
-impl HostCgroup {
-    /// Creates `cgroups_path` under each hierarchy's mount point.
-    pub fn create(cgroups_path: &str) -> Result<Self, CgroupError> {
-        let relative = relative_path(cgroups_path)?;
-        let mut cgroup = Self::default();
-        for root in hierarchies() {
-            let leaf = root.join(&relative);
-            let mut missing = Vec::new();
-            let mut dir = leaf.as_path();
-            while !dir.exists() && dir.starts_with(&root) && dir != root {
-                missing.push(dir.to_path_buf());
-                match dir.parent() {
-                    Some(parent) => dir = parent,
-                    None => break,
-                }
+impl PodCgroups {
+    /// Creates the pod's cgroup and its two leaves. `cgroups_path` is the
+    /// sandbox spec's; without one, `microvm/<namespace>/<unique_name>`.
+    pub fn create(
+        cgroups_path: Option<&str>,
+        namespace: &str,
+        unique_name: &str,
+    ) -> Result<Self, CgroupError> {
+        let relative = match cgroups_path {
+            Some(path) => CgroupsPath::parse(path)?.relative(),
+            None => Self::fallback(namespace, unique_name)?,
+        };
+        let hierarchies = Hierarchies::detect()?;
+        let pod = Cgroup::create(&hierarchies, &relative, CONTROLLERS)?;
+        let leaves = pod
+            .child(HELPERS, CONTROLLERS)
+            .and_then(|helpers| Ok((helpers, pod.child(VMM, CONTROLLERS)?)));
+        match leaves {
+            Ok((helpers, vmm)) => Ok(Self { pod, helpers, vmm }),
+            Err(err) => {
+                pod.remove();
+                Err(err)
             }
-            for dir in missing.iter().rev() {
-                let created = match std::fs::create_dir(dir) {
-                    Ok(()) => inherit_cpuset(dir),
-                    Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-                    Err(err) => Err(err),
-                };
-                if let Err(source) = created {
-                    cgroup.created.extend(missing.iter().cloned());
-                    cgroup.remove();
-                    return Err(CgroupError::Create {
-                        path: dir.clone(),
-                        source,
-                    });
-                }
-            }
-            cgroup.created.extend(missing);
-            cgroup.leaves.push(leaf);
         }
-        Ok(cgroup)
     }
 
-    /// Records what [`HostCgroup::create`] made in `file`, so the cleanup
-    /// after a crashed shim (`delete`) can remove it
-    /// ([`remove_recorded`]).
+    fn fallback(namespace: &str, unique_name: &str) -> Result<PathBuf, CgroupError> {
+        let path = format!("/{FALLBACK_PARENT}/{namespace}/{unique_name}");
+        Ok(CgroupsPath::parse(&path)?.relative())
+    }
+
+    /// The pod's cgroup below each hierarchy's root (the jail's
+    /// `--cgroup-parent`).
+    pub fn pod_relative(&self) -> &Path {
+        self.pod.relative()
+    }
+
+    pub fn is_v2(&self) -> bool {
+        self.pod.hierarchies().is_v2()
+    }
+
+    /// The `cgroup.procs` files of `leaf`, for a child to join before exec.
+    pub fn procs_files(&self, leaf: Leaf) -> Vec<CString> {
+        match leaf {
+            Leaf::Helpers => self.helpers.procs_files(),
+            Leaf::Vmm => self.vmm.procs_files(),
+        }
+    }
+
+    /// Writes a limit of the VM's leaf (`memory.max`, `pids.max`).
+    pub fn limit_vmm(&self, file: &str, value: &str) -> Result<(), CgroupError> {
+        self.vmm.set(file, value)
+    }
+
+    /// Records what was made in `file`, for the cleanup after a crashed
+    /// shim ([`remove_recorded`]).
     pub fn record(&self, file: &Path) {
-        let text: String = self
-            .created
+        let text = [&self.pod, &self.helpers, &self.vmm]
             .iter()
-            .map(|dir| format!("{}\n", dir.display()))
-            .collect();
+            .map(|cgroup| cgroup.record())
+            .collect::<String>();
         if let Err(err) = std::fs::write(file, text) {
             tracing::warn!(
                 "cannot record the pod's cgroups in {}: {err}",
@@ -90,238 +114,51 @@ impl HostCgroup {
         }
     }
 
-    /// The `cgroup.procs` files a child writes itself into, prepared
-    /// before fork (no allocation in the child).
-    pub fn procs_files(&self) -> Vec<CString> {
-        self.leaves
-            .iter()
-            .filter_map(|leaf| CString::new(leaf.join("cgroup.procs").as_os_str().as_bytes()).ok())
-            .collect()
-    }
-
-    /// Removes what [`HostCgroup::create`] made, once its processes are
-    /// gone. Best effort: a cgroup still in use stays (and is logged).
+    /// Removes the pod's cgroups once its processes are gone (blocking: a
+    /// just-reaped process may keep a cgroup busy for a moment).
     pub fn remove(&self) {
-        // Cgroups made below the pod's (the jailed VMM's own) outlive a
-        // jail supervisor that was killed outright.
-        for leaf in &self.leaves {
-            if self.created.contains(leaf) {
-                remove_nested(leaf);
-            }
-        }
-        let mut created = self.created.clone();
-        // Deepest first, across hierarchies.
-        created.sort_by_key(|dir| std::cmp::Reverse(dir.components().count()));
-        for dir in created {
-            // A process just reaped can still count as a member for a
-            // moment (EBUSY): retry briefly.
-            let is_leaf = self.leaves.contains(&dir);
-            let mut attempts = 0;
-            loop {
-                match std::fs::remove_dir(&dir) {
-                    Ok(()) => break,
-                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => break,
-                    Err(err)
-                        if err.raw_os_error() == Some(libc::EBUSY) && is_leaf && attempts < 40 =>
-                    {
-                        attempts += 1;
-                        std::thread::sleep(std::time::Duration::from_millis(25));
-                    }
-                    // A parent this shim made that now holds another pod's
-                    // cgroup: that pod's owner (or kubelet) removes it.
-                    Err(err) if !is_leaf && err.raw_os_error() == Some(libc::EBUSY) => {
-                        tracing::debug!("cgroup {} is still in use; left", dir.display());
-                        break;
-                    }
-                    Err(err) => {
-                        tracing::warn!("cannot remove cgroup {}: {err}", dir.display());
-                        break;
-                    }
-                }
-            }
+        for cgroup in [&self.vmm, &self.helpers, &self.pod] {
+            cgroup.remove();
         }
     }
 }
 
-/// Removes every cgroup below `dir`, deepest first (a cgroup directory
-/// holds only interface files, which rmdir does not mind).
-fn remove_nested(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
-            let child = entry.path();
-            remove_nested(&child);
-            // A process just killed can still count as a member for a
-            // moment (EBUSY): retry briefly.
-            for attempt in 0.. {
-                match std::fs::remove_dir(&child) {
-                    Err(err) if err.raw_os_error() == Some(libc::EBUSY) && attempt < 40 => {
-                        std::thread::sleep(std::time::Duration::from_millis(25));
-                    }
-                    Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-                        tracing::warn!("cannot remove cgroup {}: {err}", child.display());
-                        break;
-                    }
-                    _ => break,
-                }
-            }
-        }
-    }
-}
-
-/// Removes the cgroups recorded in `file` by [`HostCgroup::record`] (only
-/// directories below the cgroup root; the processes must be gone).
+/// Removes the cgroups recorded in `file` by [`PodCgroups::record`].
 pub fn remove_recorded(file: &Path) {
-    let Ok(text) = std::fs::read_to_string(file) else {
-        return;
-    };
-    let created: Vec<PathBuf> = text
-        .lines()
-        .map(PathBuf::from)
-        .filter(|dir| dir.starts_with(CGROUP_ROOT) && dir.components().count() > 4)
-        .collect();
-    // The deepest ones held the processes (just killed: retried briefly);
-    // a parent still holding another pod is left.
-    let depth = created.iter().map(|dir| dir.components().count()).max();
-    let leaves = created
-        .iter()
-        .filter(|dir| Some(dir.components().count()) == depth)
-        .cloned()
-        .collect();
-    HostCgroup { leaves, created }.remove();
+    if let Ok(text) = std::fs::read_to_string(file) {
+        host::remove_recorded(&text);
+    }
 }
 
-/// A new v1 cpuset cgroup starts with no CPUs and no memory nodes, and
-/// joining it fails with ENOSPC: give it its parent's.
-fn inherit_cpuset(dir: &Path) -> std::io::Result<()> {
-    let Some(parent) = dir.parent() else {
-        return Ok(());
-    };
-    for file in ["cpuset.cpus", "cpuset.mems"] {
-        let Ok(current) = std::fs::read_to_string(dir.join(file)) else {
-            continue;
-        };
-        if current.trim().is_empty() {
-            let inherited = std::fs::read_to_string(parent.join(file))?;
-            if !inherited.trim().is_empty() {
-                std::fs::write(dir.join(file), inherited.trim())?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Writes "0" (the calling process) into each file. For `pre_exec`: only
-/// open/write/close, which are async-signal-safe.
-pub fn join_in_child(procs_files: &[CString]) -> std::io::Result<()> {
-    for file in procs_files {
-        // SAFETY: a valid NUL-terminated path and constant flags.
-        let fd = unsafe { libc::open(file.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: writes one byte from a static buffer to the fd we opened.
-        let written = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
-        let error = std::io::Error::last_os_error();
-        // SAFETY: closes the fd this function opened, once.
-        unsafe { libc::close(fd) };
-        if written < 0 {
-            return Err(error);
-        }
-    }
-    Ok(())
-}
-
-/// `cgroups_path` as a path below a hierarchy root: absolute, no `..`.
-fn relative_path(cgroups_path: &str) -> Result<PathBuf, CgroupError> {
-    let path = Path::new(cgroups_path);
-    if !path.is_absolute() || cgroups_path.contains(':') {
-        return Err(CgroupError::Unsupported(cgroups_path.to_owned()));
-    }
-    let mut relative = PathBuf::new();
-    for component in path.components() {
-        match component {
-            Component::RootDir => {}
-            Component::Normal(part) => relative.push(part),
-            _ => return Err(CgroupError::Unsupported(cgroups_path.to_owned())),
-        }
-    }
-    if relative.as_os_str().is_empty() {
-        return Err(CgroupError::Unsupported(cgroups_path.to_owned()));
-    }
-    Ok(relative)
-}
-
-/// The mount points of the host's cgroup hierarchies: the v2 root, or
-/// each v1 hierarchy (named ones included).
-fn hierarchies() -> Vec<PathBuf> {
-    let root = Path::new(CGROUP_ROOT);
-    if root.join("cgroup.controllers").exists() {
-        return vec![root.to_path_buf()];
-    }
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    parse_v1_mounts(&mountinfo)
-}
-
-fn parse_v1_mounts(mountinfo: &str) -> Vec<PathBuf> {
-    let mut points: Vec<PathBuf> = mountinfo
-        .lines()
-        .filter_map(|line| {
-            let (before, after) = line.split_once(" - ")?;
-            let fstype = after.split_whitespace().next()?;
-            let point = before.split_whitespace().nth(4)?;
-            (fstype == "cgroup").then(|| PathBuf::from(point))
-        })
-        .collect();
-    points.sort();
-    points.dedup();
-    points
-}
+pub use microvm_host::cgroup::join_in_child;
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn only_absolute_cgroupfs_paths_are_taken() {
+    fn pods_without_a_path_get_their_own_under_microvm() {
         assert_eq!(
-            relative_path("/kubepods/pod1/abc").unwrap(),
-            PathBuf::from("kubepods/pod1/abc")
+            PodCgroups::fallback("k8s.io", "abc").unwrap(),
+            PathBuf::from("microvm/k8s.io/abc")
         );
-        for bad in ["kubepods/x", "system.slice:cri:abc", "/a/../../etc", "/"] {
-            assert!(relative_path(bad).is_err(), "{bad}");
-        }
+        assert!(PodCgroups::fallback("..", "abc").is_err());
     }
 
+    /// Root on this host (v1; v2 in the KVM harness's L1): the pod, its
+    /// leaves, a limit on the VM's, a child process in the helpers', and
+    /// the crash cleanup from the record alone.
     #[test]
-    fn v1_hierarchies_come_from_mountinfo() {
-        let mountinfo = "\
-30 25 0:26 / /sys/fs/cgroup/memory rw,nosuid - cgroup cgroup rw,memory
-31 25 0:27 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct
-32 25 0:28 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw
-33 25 0:29 / /proc rw - proc proc rw";
-        assert_eq!(
-            parse_v1_mounts(mountinfo),
-            vec![
-                PathBuf::from("/sys/fs/cgroup/cpu,cpuacct"),
-                PathBuf::from("/sys/fs/cgroup/memory")
-            ]
-        );
-    }
-
-    /// Root on this host: a real cgroup, a child moved into it, removed.
-    #[test]
-    fn a_child_joins_the_cgroup_and_it_is_removed() {
+    fn a_pod_gets_two_leaves_and_the_record_removes_them() {
         if !nix::unistd::Uid::effective().is_root() {
             eprintln!("skipped: needs root to create cgroups");
             return;
         }
-        let path = format!("/microvm-shim-test-{}/pod/leaf", std::process::id());
-        let cgroup = HostCgroup::create(&path).unwrap();
-        assert!(!cgroup.leaves.is_empty());
-        let files = cgroup.procs_files();
+        let path = format!("/microvm-shim-test-{}/pod", std::process::id());
+        let cgroups = PodCgroups::create(Some(&path), "ns", "pod").unwrap();
+        cgroups.limit_vmm("pids.max", "20").unwrap();
+        cgroups.limit_vmm("memory.max", "268435456").unwrap();
+        let files = cgroups.procs_files(Leaf::Helpers);
         let mut command = std::process::Command::new("sleep");
         command.arg("30");
         use std::os::unix::process::CommandExt;
@@ -330,26 +167,21 @@ mod tests {
             command.pre_exec(move || join_in_child(&files));
         }
         let mut child = command.spawn().unwrap();
-        let procs = std::fs::read_to_string(cgroup.leaves[0].join("cgroup.procs")).unwrap();
+        let joined = cgroups.helpers.dirs()[0].join("cgroup.procs");
+        let procs = std::fs::read_to_string(joined).unwrap();
         assert!(
-            procs.lines().any(|line| line == child.id().to_string()),
+            procs.lines().any(|l| l == child.id().to_string()),
             "{procs}"
         );
         child.kill().unwrap();
         child.wait().unwrap();
-        // What a jailed VMM whose supervisor was killed leaves: its own
-        // cgroup below the pod's.
-        for leaf in &cgroup.leaves {
-            std::fs::create_dir_all(leaf.join("root/nested")).unwrap();
-        }
         let record = std::env::temp_dir().join(format!("microvm-cgroups-{}", std::process::id()));
-        cgroup.record(&record);
+        cgroups.record(&record);
         remove_recorded(&record);
         let _ = std::fs::remove_file(&record);
-        for leaf in &cgroup.leaves {
-            assert!(!leaf.exists(), "{}", leaf.display());
-            let top = leaf.parent().and_then(Path::parent).unwrap();
-            assert!(!top.exists(), "{}", top.display());
+        for dir in cgroups.pod.dirs() {
+            assert!(!dir.exists(), "{}", dir.display());
+            assert!(!dir.parent().unwrap().exists(), "{}", dir.display());
         }
     }
 }

@@ -4,10 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-/// The virtio-fs tag of the pod's shared directory.
-pub const SHARED_FS_TAG: &str = "microvm-shared";
-/// Where the agent mounts the shared directory in the guest.
-pub const GUEST_SHARED_DIR: &str = "/run/microvm/shared";
+pub use microvm_proto::abi::shared_fs::{GUEST_DIR as GUEST_SHARED_DIR, TAG as SHARED_FS_TAG};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodLayout {
@@ -36,6 +33,19 @@ impl PodLayout {
             dir,
             log_file: log_dir.join(format!("{namespace}-{pod_id}.log")),
         }
+    }
+
+    /// The pod dir's name and a hash of its whole path: unique on the node
+    /// even across shims with other state dirs (the host cgroup of a pod
+    /// without a cgroups path is named by it).
+    pub fn unique_name(&self) -> String {
+        let name = self
+            .dir
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let hash = fnv1a(self.dir.as_os_str().as_encoded_bytes());
+        format!("{name}-{:08x}", hash as u32)
     }
 
     /// The pod's unix sockets, apart from the rest of the pod dir: a jailed
@@ -70,6 +80,12 @@ impl PodLayout {
     /// The jailed QEMU's root: empty, so after init it sees no host file.
     pub fn qemu_root(&self) -> PathBuf {
         self.dir.join("qemu-root")
+    }
+
+    /// The jailed builtin VMM's root (made and removed by its jail; its
+    /// cgroup is named after it).
+    pub fn jail_root(&self) -> PathBuf {
+        self.dir.join(super::cgroup::VMM)
     }
 
     /// The host cgroups the shim made for the pod, one per line.

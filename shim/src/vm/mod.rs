@@ -6,11 +6,13 @@
 //! [`layout::PodLayout::agent_socket`].
 
 pub mod cgroup;
+pub mod console;
 pub mod layout;
 pub mod supervisor;
 
 use crate::config::{Accel, BackendKind, Config};
 use layout::{PodLayout, SHARED_FS_TAG};
+use microvm_proto::abi::{cmdline, image};
 use std::ffi::OsString;
 use std::path::PathBuf;
 
@@ -39,8 +41,9 @@ pub struct PodVmSpec {
     pub virtiofsd: PathBuf,
     /// The pod's network: the VMM runs in this netns, on this tap.
     pub nic: Option<VmNic>,
-    /// The pod's host cgroup (cgroupfs path), if it has one.
-    pub host_cgroup: Option<String>,
+    /// The pod's host cgroup below each hierarchy's root: the jailed VMM
+    /// makes its own cgroup, [`cgroup::VMM`], in it.
+    pub host_cgroup: Option<PathBuf>,
 }
 
 /// The VM's network interface: a tap in the pod's network namespace, with
@@ -72,6 +75,8 @@ pub struct ProcessSpec {
     /// already in it go to this owner (a VMM that drops to it must create
     /// and connect to them).
     pub socket_owner: Option<(Option<u32>, Option<u32>)>,
+    /// The pod cgroup leaf it starts in.
+    pub cgroup: cgroup::Leaf,
 }
 
 pub trait Backend: Send + Sync {
@@ -104,27 +109,28 @@ pub fn backend_for(config: &Config) -> Box<dyn Backend> {
 /// The guest kernel and initramfs: the config's, else the newest cached
 /// guest image. Missing files are errors that say which.
 pub fn guest_image(config: &Config) -> Result<(PathBuf, PathBuf), BackendError> {
-    let cache = microvm_guest_image::cache::cache_root();
+    let cache = image::cache_root();
     let kernel = if config.vm.kernel.as_os_str().is_empty() {
-        newest(&cache.join("kernel"), |dir| {
-            let vmlinux = dir.join("vmlinux");
+        newest(&cache.join(image::KERNEL_DIR), |dir| {
+            let vmlinux = dir.join(image::VMLINUX);
             vmlinux.is_file().then_some(vmlinux)
         })
-        .ok_or_else(|| BackendError::NoCachedImage(cache.join("kernel")))?
+        .ok_or_else(|| BackendError::NoCachedImage(cache.join(image::KERNEL_DIR)))?
     } else {
         config.vm.kernel.clone()
     };
     let initramfs = if config.vm.initramfs.as_os_str().is_empty() {
         let prefix = if config.vm.debug_console {
-            "debug-"
+            image::DEBUG_PREFIX
         } else {
-            "release-"
+            image::RELEASE_PREFIX
         };
-        newest(&cache.join("initramfs"), |file| {
+        newest(&cache.join(image::INITRAMFS_DIR), |file| {
             let name = file.file_name()?.to_str()?;
-            (name.starts_with(prefix) && name.ends_with(".cpio")).then(|| file.to_path_buf())
+            (name.starts_with(prefix) && name.ends_with(image::INITRAMFS_SUFFIX))
+                .then(|| file.to_path_buf())
         })
-        .ok_or_else(|| BackendError::NoCachedImage(cache.join("initramfs")))?
+        .ok_or_else(|| BackendError::NoCachedImage(cache.join(image::INITRAMFS_DIR)))?
     } else {
         config.vm.initramfs.clone()
     };
@@ -165,7 +171,9 @@ fn cmdline(base: String, spec: &PodVmSpec) -> String {
         words.push_str(spec.kernel_args.trim());
     }
     if spec.debug_console {
-        words.push_str(" microvm_debug_shell=1");
+        words.push(' ');
+        words.push_str(cmdline::DEBUG_SHELL);
+        words.push_str("=1");
     }
     words
 }
@@ -189,6 +197,12 @@ fn virtiofsd(spec: &PodVmSpec) -> ProcessSpec {
             os("namespace"),
             os("--cache"),
             os("auto"),
+            // The guest is hostile: no device nodes (CAP_MKNOD) and no file
+            // capabilities (CAP_SETFCAP) in the share. Extended attributes
+            // stay off (no `--xattr`). Setuid bits cannot be refused by a
+            // virtiofsd option: the host mounts under the share are all
+            // `nosuid,nodev` instead (rootfs.rs).
+            os("--modcaps=-mknod:-setfcap"),
             os("--log-level"),
             os("warn"),
         ],
@@ -197,6 +211,7 @@ fn virtiofsd(spec: &PodVmSpec) -> ProcessSpec {
         netns: None,
         empty_root: None,
         socket_owner: None,
+        cgroup: cgroup::Leaf::Helpers,
     }
 }
 
@@ -224,11 +239,11 @@ impl Backend for BuiltinBackend {
         let layout = &spec.layout;
         let mut args = Vec::new();
         if let Some(jail) = &self.jail {
-            // microvm-vmm's jail: the root is made fresh under the pod dir;
-            // its cgroup goes below the pod's host cgroup when there is one.
-            args.extend([os("--jail"), layout.dir.join("root").into()]);
+            // microvm-vmm's jail: the root is made fresh under the pod dir,
+            // and its cgroup is named after it: `<pod cgroup>/vmm`.
+            args.extend([os("--jail"), layout.jail_root().into()]);
             if let Some(cgroup) = &spec.host_cgroup {
-                args.extend([os("--cgroup-parent"), os(cgroup.trim_start_matches('/'))]);
+                args.extend([os("--cgroup-parent"), cgroup.clone().into_os_string()]);
             }
             if let Some(uid) = jail.uid {
                 args.extend([os("--uid"), os(uid.to_string())]);
@@ -243,10 +258,7 @@ impl Backend for BuiltinBackend {
             os("--initrd"),
             spec.initramfs.clone().into(),
             os("--cmdline"),
-            os(cmdline(
-                microvm_guest_image::KERNEL_CMDLINE.to_owned(),
-                spec,
-            )),
+            os(cmdline(cmdline::KERNEL_CMDLINE.to_owned(), spec)),
             os("--vcpus"),
             os(spec.vcpus.to_string()),
             os("--memory-mib"),
@@ -277,6 +289,13 @@ impl Backend for BuiltinBackend {
                 .jail
                 .filter(|jail| jail.uid.is_some() || jail.gid.is_some())
                 .map(|jail| (jail.uid, jail.gid)),
+            // A jailed VMM's supervisor stays with the helpers and moves
+            // the VMM into `<pod>/vmm` itself.
+            cgroup: if self.jail.is_some() {
+                cgroup::Leaf::Helpers
+            } else {
+                cgroup::Leaf::Vmm
+            },
         };
         vec![virtiofsd(spec), vmm]
     }
@@ -333,15 +352,16 @@ impl Backend for QemuBackend {
             netns: None,
             empty_root: None,
             socket_owner: None,
+            cgroup: cgroup::Leaf::Helpers,
         };
         let (accel, cpu) = match self.accel {
             Accel::Kvm => ("kvm", "host"),
             Accel::Tcg => ("tcg", "max"),
         };
         let memory = format!("{}M", spec.memory_mib);
-        // append=on: the log also holds the helpers' output.
-        let mut serial = OsString::from("file,id=serial,append=on,path=");
-        serial.push(&layout.log_file);
+        // The console on QEMU's stdout, which the shim relays into the
+        // pod's log (whole lines, capped).
+        let serial = OsString::from("stdio,id=serial,signal=off");
         let mut vsock_chardev = OsString::from("socket,id=vsock,path=");
         vsock_chardev.push(layout.vhost_vsock_socket());
         let mut fs_chardev = OsString::from("socket,id=fs,path=");
@@ -379,7 +399,7 @@ impl Backend for QemuBackend {
                 os("-initrd"),
                 spec.initramfs.clone().into(),
                 os("-append"),
-                os(cmdline(microvm_guest_image::qemu_cmdline(), spec)),
+                os(cmdline(cmdline::qemu(), spec)),
                 os("-chardev"),
                 vsock_chardev,
                 os("-device"),
@@ -394,6 +414,7 @@ impl Backend for QemuBackend {
                 netns: None,
                 empty_root: None,
                 socket_owner: None,
+                cgroup: cgroup::Leaf::Vmm,
             };
         let mut qemu = qemu;
         if let Some(nic) = &spec.nic {
@@ -486,6 +507,16 @@ mod tests {
         assert!(joined(&plan[1]).contains("--tap tap0_microvm,mac=0a:58:0a:58:5b:02"));
     }
 
+    #[test]
+    fn virtiofsd_refuses_device_nodes_file_caps_and_xattrs() {
+        let args = joined(&virtiofsd(&spec()));
+        assert!(args.contains("--modcaps=-mknod:-setfcap"), "{args}");
+        assert!(
+            !args.contains("xattr") && !args.contains("posix-acl"),
+            "{args}"
+        );
+    }
+
     fn joined(process: &ProcessSpec) -> String {
         process
             .args
@@ -522,7 +553,7 @@ mod tests {
             "memory-backend=mem",
             "memory-backend-memfd,id=mem,size=256M,share=on",
             "-accel tcg -cpu max -m 256M -smp 2",
-            "-chardev file,id=serial,append=on,path=/var/log/mv/ns-pod.log -serial chardev:serial",
+            "-chardev stdio,id=serial,signal=off -serial chardev:serial",
             "-kernel /img/vmlinux -initrd /img/initrd",
             "reboot=t",
             "loglevel=7",
@@ -612,12 +643,12 @@ mod tests {
         assert!(config.builtin.jail);
         let backend = backend_for(&config);
         let mut in_pod_cgroup = spec();
-        in_pod_cgroup.host_cgroup = Some("/kubepods/pod1/sandbox".into());
+        in_pod_cgroup.host_cgroup = Some("kubepods/pod1/sandbox".into());
         let plan = backend.plan(&in_pod_cgroup);
         let args = joined(&plan[1]);
         assert!(
             args.starts_with(
-                "--jail /run/mv/ns/pod/root --cgroup-parent kubepods/pod1/sandbox --uid 65534 --gid 65534 --kernel"
+                "--jail /run/mv/ns/pod/vmm --cgroup-parent kubepods/pod1/sandbox --uid 65534 --gid 65534 --kernel"
             ),
             "{args}"
         );
@@ -625,7 +656,7 @@ mod tests {
         as_root.builtin.jail_uid = 0;
         as_root.builtin.jail_gid = 0;
         let as_root = backend_for(&as_root).plan(&spec());
-        assert!(joined(&as_root[1]).starts_with("--jail /run/mv/ns/pod/root --kernel"));
+        assert!(joined(&as_root[1]).starts_with("--jail /run/mv/ns/pod/vmm --kernel"));
         assert!(as_root[1].socket_owner.is_none());
         let jailed_as_user = BuiltinBackend {
             vmm: "m".into(),
@@ -636,7 +667,7 @@ mod tests {
         };
         let as_user = jailed_as_user.plan(&spec());
         assert!(joined(&as_user[1])
-            .starts_with("--jail /run/mv/ns/pod/root --uid 1000 --gid 1000 --kernel"));
+            .starts_with("--jail /run/mv/ns/pod/vmm --uid 1000 --gid 1000 --kernel"));
         // Its sockets (its own and virtiofsd's) become that user's; a VMM
         // that stays root needs no such handover.
         assert_eq!(as_user[1].socket_owner, Some((Some(1000), Some(1000))));

@@ -4,17 +4,19 @@
 //! dropped kills what it started; [`PodVm::shutdown`] also waits for the
 //! processes and removes their pid files and sockets.
 
-use super::cgroup::{join_in_child, HostCgroup};
+use super::cgroup::{join_in_child, PodCgroups};
+use super::console::{PodLog, Stream};
 use super::layout::PodLayout;
 use super::ProcessSpec;
 use crate::network::NetnsForChild;
-use std::fs::OpenOptions;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 
+/// How many lines of the pod's log a launch failure quotes.
+const LOG_TAIL_LINES: usize = 10;
 /// How often readiness is polled.
 const POLL: Duration = Duration::from_millis(10);
 /// How long a process may take to stop after SIGTERM before SIGKILL.
@@ -39,12 +41,13 @@ pub enum LaunchError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{name} exited before creating {socket}: {status} (see {log})")]
+    #[error("{name} exited ({status}) before creating {socket}; the last lines of {log}:\n{tail}")]
     ExitedEarly {
         name: &'static str,
         socket: PathBuf,
         status: String,
         log: PathBuf,
+        tail: String,
     },
     #[error("{name} did not create {socket} within {timeout:?} (see {log})")]
     NotReady {
@@ -135,10 +138,12 @@ impl ExitWatch {
 #[derive(Debug)]
 pub struct PodVm {
     layout: PodLayout,
+    /// Every process's output goes here, line by line.
+    log: PodLog,
     processes: Vec<Supervised>,
     sockets: Vec<PathBuf>,
-    /// The pod cgroup's `cgroup.procs` files each process joins.
-    cgroup_procs: Vec<std::ffi::CString>,
+    /// The pod's cgroups; each process joins its leaf.
+    cgroups: Option<PodCgroups>,
 }
 
 impl PodVm {
@@ -148,7 +153,8 @@ impl PodVm {
         plan: Vec<ProcessSpec>,
         layout: &PodLayout,
         ready_timeout: Duration,
-        cgroup: Option<&HostCgroup>,
+        cgroups: Option<&PodCgroups>,
+        log: PodLog,
     ) -> Result<Self, LaunchError> {
         for dir in [layout.dir.clone(), layout.pid_dir()] {
             std::fs::create_dir_all(&dir)
@@ -163,17 +169,12 @@ impl PodVm {
                 path: socket_dir,
                 source,
             })?;
-        if let Some(log_dir) = layout.log_file.parent() {
-            std::fs::create_dir_all(log_dir).map_err(|source| LaunchError::Prepare {
-                path: log_dir.to_path_buf(),
-                source,
-            })?;
-        }
         let mut vm = Self {
             layout: layout.clone(),
+            log,
             processes: Vec::new(),
             sockets: Vec::new(),
-            cgroup_procs: cgroup.map(HostCgroup::procs_files).unwrap_or_default(),
+            cgroups: cgroups.cloned(),
         };
         for process in plan {
             if let Err(err) = vm.start_one(process, ready_timeout).await {
@@ -190,19 +191,6 @@ impl PodVm {
         ready_timeout: Duration,
     ) -> Result<(), LaunchError> {
         let log = &self.layout.log_file;
-        let open_log = || {
-            use std::os::unix::fs::OpenOptionsExt;
-            OpenOptions::new()
-                // The guest's console is the tenant's: root only.
-                .mode(0o600)
-                .create(true)
-                .append(true)
-                .open(log)
-                .map_err(|source| LaunchError::Prepare {
-                    path: log.clone(),
-                    source,
-                })
-        };
         if let Some(socket) = &spec.ready_socket {
             // A stale socket from a crashed run would look ready at once.
             let _ = std::fs::remove_file(socket);
@@ -222,8 +210,8 @@ impl PodVm {
             None => None,
         };
         let mut command = tokio::process::Command::new(&spec.program);
-        if !self.cgroup_procs.is_empty() {
-            let procs = self.cgroup_procs.clone();
+        if let Some(cgroups) = &self.cgroups {
+            let procs = cgroups.procs_files(spec.cgroup);
             // SAFETY: join_in_child only opens, writes and closes files
             // whose paths were built before the fork.
             unsafe {
@@ -254,8 +242,8 @@ impl PodVm {
         command
             .args(&spec.args)
             .stdin(Stdio::null())
-            .stdout(open_log()?)
-            .stderr(open_log()?)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .kill_on_drop(true);
         let mut child = command.spawn().map_err(|source| LaunchError::Spawn {
             name: spec.name,
@@ -263,6 +251,18 @@ impl PodVm {
             source,
         })?;
         let pid = child.id().unwrap_or(0);
+        // The VMM's stdout is the guest's serial console.
+        let stdout_is = if spec.is_vmm {
+            Stream::Console
+        } else {
+            Stream::Process(spec.name)
+        };
+        if let Some(stdout) = child.stdout.take() {
+            drop(self.log.relay(stdout_is, stdout));
+        }
+        if let Some(stderr) = child.stderr.take() {
+            drop(self.log.relay(Stream::Process(spec.name), stderr));
+        }
         record_pid(&self.layout.pid_dir(), spec.name, pid);
         let (kill_tx, kill_rx) = oneshot::channel::<()>();
         let (exited_tx, exited_rx) = watch::channel(None);
@@ -315,12 +315,17 @@ impl PodVm {
             if socket.exists() {
                 return Ok(());
             }
-            if let Some(status) = exited.borrow_and_update().clone() {
+            let exited_with = exited.borrow_and_update().clone();
+            if let Some(status) = exited_with {
+                // Its last words reach the log through the relay: give them
+                // a moment.
+                tokio::time::sleep(POLL * 5).await;
                 return Err(LaunchError::ExitedEarly {
                     name: spec.name,
                     socket,
                     status,
                     log: log.clone(),
+                    tail: self.log.tail(LOG_TAIL_LINES),
                 });
             }
             if tokio::time::Instant::now() >= deadline {
@@ -355,6 +360,11 @@ impl PodVm {
             chown(&entry.path())?;
         }
         Ok(())
+    }
+
+    /// The pod's log (the console's ready line, the tail for errors).
+    pub fn log(&self) -> &PodLog {
+        &self.log
     }
 
     pub fn exit_watch(&self) -> ExitWatch {
@@ -543,6 +553,10 @@ mod tests {
         }
     }
 
+    fn test_log(layout: &PodLayout) -> PodLog {
+        PodLog::open(&layout.log_file, 1 << 20).unwrap()
+    }
+
     fn sh(name: &'static str, script: &str, ready: Option<PathBuf>, is_vmm: bool) -> ProcessSpec {
         ProcessSpec {
             name,
@@ -553,6 +567,7 @@ mod tests {
             netns: None,
             empty_root: None,
             socket_owner: None,
+            cgroup: crate::vm::cgroup::Leaf::Helpers,
         }
     }
 
@@ -581,9 +596,15 @@ mod tests {
                 true,
             ),
         ];
-        let mut vm = PodVm::launch(plan, &layout, Duration::from_secs(5), None)
-            .await
-            .unwrap();
+        let mut vm = PodVm::launch(
+            plan,
+            &layout,
+            Duration::from_secs(5),
+            None,
+            test_log(&layout),
+        )
+        .await
+        .unwrap();
         let pids = vm.pids();
         assert_eq!(pids.len(), 2);
         // The pid files hold the processes' pid and start time.
@@ -614,15 +635,22 @@ mod tests {
                 true,
             ),
         ];
-        let err = PodVm::launch(plan, &layout, Duration::from_secs(5), None)
-            .await
-            .unwrap_err();
+        let err = PodVm::launch(
+            plan,
+            &layout,
+            Duration::from_secs(5),
+            None,
+            test_log(&layout),
+        )
+        .await
+        .unwrap_err();
         let message = err.to_string();
         assert!(
-            message.contains("second exited before creating"),
+            message.contains("second exited (exit status: 3) before creating"),
             "{message}"
         );
-        assert!(message.contains("exit status: 3"), "{message}");
+        // The reason the process gave is in the error, not only in the log.
+        assert!(message.contains("[second] no socket for you"), "{message}");
         let first_pid: u32 = std::fs::read_to_string(layout.pid_dir().join("first"))
             .map(|text| {
                 text.split_whitespace()
@@ -647,9 +675,15 @@ mod tests {
             Some(layout.dir.join("never.sock")),
             false,
         )];
-        let err = PodVm::launch(plan, &layout, Duration::from_millis(100), None)
-            .await
-            .unwrap_err();
+        let err = PodVm::launch(
+            plan,
+            &layout,
+            Duration::from_millis(100),
+            None,
+            test_log(&layout),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, LaunchError::NotReady { name: "slow", .. }));
 
         let plan = vec![ProcessSpec {
@@ -661,10 +695,17 @@ mod tests {
             netns: None,
             empty_root: None,
             socket_owner: None,
+            cgroup: crate::vm::cgroup::Leaf::Vmm,
         }];
-        let err = PodVm::launch(plan, &layout, Duration::from_millis(100), None)
-            .await
-            .unwrap_err();
+        let err = PodVm::launch(
+            plan,
+            &layout,
+            Duration::from_millis(100),
+            None,
+            test_log(&layout),
+        )
+        .await
+        .unwrap_err();
         assert!(err.to_string().contains("/nonexistent/microvm-vmm"));
     }
 
@@ -681,9 +722,15 @@ mod tests {
             true,
         );
         vmm.empty_root = Some(root.clone());
-        let mut vm = PodVm::launch(vec![vmm.clone()], &layout, Duration::from_secs(5), None)
-            .await
-            .unwrap();
+        let mut vm = PodVm::launch(
+            vec![vmm.clone()],
+            &layout,
+            Duration::from_secs(5),
+            None,
+            test_log(&layout),
+        )
+        .await
+        .unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(vm.any_exited().is_none(), "the root was not there");
         vm.shutdown().await;
@@ -694,9 +741,15 @@ mod tests {
         // A leftover with something in it is refused, not chrooted into.
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::write(root.join("host-file"), "x").unwrap();
-        let err = PodVm::launch(vec![vmm], &layout, Duration::from_secs(5), None)
-            .await
-            .unwrap_err();
+        let err = PodVm::launch(
+            vec![vmm],
+            &layout,
+            Duration::from_secs(5),
+            None,
+            test_log(&layout),
+        )
+        .await
+        .unwrap_err();
         assert!(
             matches!(err, LaunchError::Prepare { ref path, .. } if *path == root),
             "{err}"
@@ -711,9 +764,15 @@ mod tests {
             sh("helper", "exec sleep 60", None, false),
             sh("vmm", "sleep 0.2; exit 7", None, true),
         ];
-        let mut vm = PodVm::launch(plan, &layout, Duration::from_secs(5), None)
-            .await
-            .unwrap();
+        let mut vm = PodVm::launch(
+            plan,
+            &layout,
+            Duration::from_secs(5),
+            None,
+            test_log(&layout),
+        )
+        .await
+        .unwrap();
         let exit = tokio::time::timeout(Duration::from_secs(5), vm.exit_watch().first_exit())
             .await
             .unwrap();

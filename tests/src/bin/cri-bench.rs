@@ -1,28 +1,34 @@
-//! `cri-bench`: pods through CRI, `microvm` (containerd-shim-microvm-v2,
-//! backend qemu under TCG on these hosts) next to `runc`
-//! (io.containerd.runc.v2) in the same private containerd, reported as
-//! ratios: RunPodSandbox latency, container start latency, pods started at
-//! once, and host memory (PSS) per pod with and without the guest RAM.
+//! `cri-bench`: pods through CRI, several runtimes in one private
+//! containerd and one run: our shim (containerd-shim-microvm-v2) on each
+//! backend chosen with `--backends` (`builtin`, `qemu-kvm`, `qemu-tcg`), and
+//! `runc` (io.containerd.runc.v2) as the peer every figure is compared
+//! with. Reports RunPodSandbox and container start latency, pods started
+//! at once, and host memory (PSS) per pod outside guest RAM split by
+//! process kind, with the ratios builtin/qemu-kvm and X/runc and the
+//! issue's targets (#12).
 //!
-//! `cargo build --release --bin containerd-shim-microvm-v2 &&
-//!  cargo run --release -p microvm-tests --bin cri-bench -- --runs 5`
+//! `cargo build --release -p containerd-shim-microvm-v2 -p microvm-vmm
+//!  -p microvm-kvm-harness --bins && cargo run --release -p microvm-tests
+//!  --bin cri-bench -- --kvm-harness --runs 3`
 //!
 //! SIGINT or SIGTERM stops a run: the CRI calls in flight are abandoned,
 //! every pod is stopped and removed, containerd is stopped, and whatever
 //! the run started and is still alive is killed; then it exits with 128 +
-//! the signal number.
+//! the signal number. With `--kvm-harness` the signal goes to the harness,
+//! which stops L1 and everything in it.
 
 use anyhow::{bail, Context, Result};
+use clap::{CommandFactory, Parser, ValueEnum};
 use k8s_cri::v1 as cri;
 use microvm_guest_image::kernel;
 use microvm_tests::bench::{
-    self, count, initramfs_from_env, initramfs_or_release, is_zombie, kib_field, kib_line, median,
-    millis, ms, print_table, ratio, row, signal_if_same, stat_fields, unmount_under, Columns, Row,
+    self, initramfs_or_release, is_zombie, kib_field, kib_line, median, millis, ms, signal_if_same,
+    stat_fields, unmount_under,
 };
-use microvm_tests::cri::{
-    cni_netns, container_config, pod_config, CriClient, CriEnv, MICROVM_HANDLER, RUNC_HANDLER,
-};
-use microvm_tests::harness::{binary, TempDir};
+use microvm_tests::containerd::{write_shim_config_at, TestBackend};
+use microvm_tests::cri::{cni_netns, container_config, pod_config, CriClient, CriEnv};
+use microvm_tests::harness::TempDir;
+use microvm_tests::kvm::in_nested_kvm;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -33,126 +39,392 @@ use tokio::sync::watch;
 
 const SHIM: &str = "containerd-shim-microvm-v2";
 const RUNC_SHIM: &str = "containerd-shim-runc-v2";
+const VMM: &str = "microvm-vmm";
 /// The pause image's command (tests/src/oci_image.rs): the runc sandbox
 /// process.
 const PAUSE_ARGV: [&str; 2] = ["/bin/sleep", "2147483647"];
 const SLEEP_COMMAND: [&str; 2] = ["sleep", "3600"];
-/// The guest RAM: QEMU's `memory-backend-memfd` (shim/src/vm/mod.rs) names
-/// its memfd after the backend's type (seen in QEMU 7.2's smaps); the
+/// QEMU's guest RAM: its `memory-backend-memfd` (shim/src/vm/mod.rs) names
+/// the memfd after the backend's type (seen in QEMU 7.2's smaps); the
 /// vhost-user back-ends map the same memfd, so it shows under this name in
 /// their smaps too.
-const GUEST_RAM_MAPPING: &str = "/memfd:memory-backend-memfd";
+const QEMU_GUEST_RAM_MAPPING: &str = "/memfd:memory-backend-memfd";
+/// The guest RAM the shim configs give each VM (write_shim_config).
 const GUEST_MEMORY_MIB: u32 = 256;
 const MAX_CONCURRENT: usize = 50;
 /// Time the pods get after their last start before memory is read.
 const SETTLE: Duration = Duration::from_secs(2);
-/// Targets from the issue, for the `builtin` backend on real KVM.
-const POD_READY_TARGET_MS: f64 = 150.0;
-const CONTAINER_START_TARGET_MS: f64 = 50.0;
+/// The issue's targets (#12, part 3), for `builtin` against `qemu` with
+/// KVM in the same run.
 const HOST_MEMORY_TARGET_MIB: f64 = 20.0;
+const MEMORY_VS_QEMU_KVM_TARGET: f64 = 0.25;
+const RUN_POD_VS_QEMU_KVM_TARGET: f64 = 0.5;
+const CONCURRENT_VS_ONE_TARGET: f64 = 3.0;
+const CONCURRENT_TARGET_PODS: usize = 10;
 
-const USAGE: &str = "\
-usage: cri-bench [--runs N] [--concurrent N] [--initramfs PATH]
+const ABOUT: &str = "Pods through CRI: our shim's backends next to runc, in one private \
+containerd and one run.";
 
-Starts a private containerd 1.6 with the CRI plugin and a CNI bridge (in its
-own network namespace) and drives it as kubelet would, through CRI, with two
-runtime handlers in the same run:
-  microvm  containerd-shim-microvm-v2 (io.containerd.microvm.v2), one VM per
-           pod; backend qemu, accel tcg (these hosts' KVM cannot boot a
-           stock Linux guest)
-  runc     io.containerd.runc.v2, the peer every figure is compared with
+const LONG_ABOUT: &str = "\
+Pods through CRI: our shim's backends next to runc, in one private containerd and one run.
 
-Measures, per handler (microvm and runc alternate, so load drift hits both):
-  RunPodSandbox        median over N pods (until the pod is ready)
-  container start      CreateContainer + StartContainer of a busybox
-                       `sleep` container in a ready pod, median over N
-  pod teardown         StopPodSandbox + RemovePodSandbox, median over N
-  pods at once         --concurrent pods started by as many threads at the
-                       same moment: wall time until every RunPodSandbox
-                       returned, slowest and median call, failures (each
-                       failure is printed)
-  host memory per pod  PSS (proportional set size: shared pages are split
-                       among the processes mapping them) of the pod's host
-                       processes, read from /proc/<pid>/smaps_rollup while
-                       the N pods of the latency runs (one sleep container
-                       each) are all running. microvm: the pod's shim, and
-                       its children qemu-system-x86_64, virtiofsd and
-                       vhost-device-vsock. runc: the pod's
-                       containerd-shim-runc-v2 and the pause process (the
-                       container's own process is shown, not counted: in a
-                       microVM it lives in guest RAM). The guest RAM (a
-                       shared memfd, mapped by qemu and both vhost-user
-                       back-ends) is the `/memfd:memory-backend-memfd`
-                       mapping in /proc/<pid>/smaps; its PSS is reported
-                       apart, and `outside guest RAM` is the rest.
+Starts a private containerd 1.6 with the CRI plugin and a CNI bridge (in its own network
+namespace) and drives it as kubelet would, through CRI. Each runtime of --backends is a CRI
+handler of its own, named after it, with its own shim config (tests/src/containerd.rs
+write_shim_config, shim log level info, guest 256 MiB, 1 vCPU):
+  builtin   containerd-shim-microvm-v2, backend builtin: microvm-vmm, jailed as 65534 (the
+            default config). Needs real KVM.
+  qemu-kvm  containerd-shim-microvm-v2, backend qemu, accel kvm. Needs real KVM.
+  qemu-tcg  containerd-shim-microvm-v2, backend qemu, accel tcg: runs on any host.
+  runc      io.containerd.runc.v2: always there, the peer every figure is compared with.
 
-Prints a table with microvm, runc and the ratio microvm/runc, the issue's
-targets and whether this run met them. The targets (pod ready <= 150 ms,
-container start <= 50 ms, <= 20 MiB host memory per pod outside guest RAM)
-are for the `builtin` backend on real KVM, which these hosts cannot run;
-the values printed are what was measured here, under QEMU's TCG.
+Measures, per runtime (the runtimes alternate pod by pod, so load drift hits all):
+  RunPodSandbox        median over --runs pods (the call returns once the pod is ready)
+  Create+Start         CreateContainer + StartContainer of a busybox `sleep` container in a
+                       ready pod, median
+  Stop+Remove          StopPodSandbox + RemovePodSandbox, median
+  pods at once         --concurrent pods started by as many threads at the same moment: wall
+                       time until every RunPodSandbox returned (all ready), that divided by
+                       one pod's RunPodSandbox median, and failures (each one printed)
+  host PSS per pod     PSS (proportional set size: shared pages split among the processes
+                       mapping them) of the pod's host processes from
+                       /proc/<pid>/smaps_rollup, while the --runs pods of every runtime (one
+                       sleep container each) all run. Outside guest RAM, split by kind:
+                       shim, VMM (microvm-vmm, its jail supervisor included, or
+                       qemu-system-x86_64), virtiofsd, others (vhost-device-vsock; runc's
+                       pause). The guest RAM is a shared memfd mapped by the VMM and the
+                       vhost-user back-ends: `/memfd:microvm-guest-ram` for microvm-vmm
+                       (vmm/src/memory.rs), `/memfd:memory-backend-memfd` for QEMU; its
+                       PSS, from /proc/<pid>/smaps, is taken out and shown apart. runc's
+                       container process is shown, not counted (in a microVM it lives in
+                       guest RAM).
 
-options:
-  --runs N          pods per handler for latency and memory (default 5)
-  --concurrent N    pods per handler started at once (default 10; 0 skips,
-                    at most 50). Under TCG on a shared 2-core host, 10 VMs
-                    booting together take minutes.
-  --initramfs PATH  guest initramfs (default: $MICROVM_TEST_INITRAMFS, else
-                    the release image, built and cached on first use)
-  -h, --help        this text
+Prints one table with each runtime's figures and the ratios builtin/qemu-kvm and X/runc,
+then the issue's targets, each `met` or `MISSED`: builtin host PSS per pod <= 20 MiB and <=
+1/4 of qemu-kvm's; builtin RunPodSandbox <= 1/2 of qemu-kvm's; 10 builtin pods at once <= 3x
+one pod.
 
-Needs root, containerd, runc, the CNI plugins in /usr/lib/cni, iproute2,
-qemu-system-x86_64, virtiofsd, vhost-device-vsock, and a build of the shim
-in the same profile as this binary (`cargo build --release --bin
-containerd-shim-microvm-v2`). SIGINT/SIGTERM stop the run and clean
-everything up (pods, shims, VMs, containerd, mounts).";
+Where KVM cannot boot Linux (a PVM host), --kvm-harness runs the whole bench inside the
+repo's nested-KVM L1 (microvm-kvm-harness, built in the same profile as this binary): real
+KVM, but every instruction emulated by TCG, so compare times only as ratios within a run.
+PSS is not distorted by TCG.
 
-#[derive(Debug, PartialEq)]
-struct Options {
-    runs: usize,
-    concurrent: usize,
-    initramfs: Option<PathBuf>,
+Needs root, containerd, runc, the CNI plugins in /usr/lib/cni, iproute2, virtiofsd, and for
+qemu-* qemu-system-x86_64 and vhost-device-vsock; and containerd-shim-microvm-v2 and
+microvm-vmm built in the same profile as this binary (`cargo build --release -p
+containerd-shim-microvm-v2 -p microvm-vmm --bins`). SIGINT/SIGTERM stop the run and clean everything up
+(pods, shims, VMs, containerd, mounts).";
+
+/// A runtime the bench compares: a CRI handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+enum Runtime {
+    /// containerd-shim-microvm-v2 on microvm-vmm (real KVM).
+    Builtin,
+    /// containerd-shim-microvm-v2 on QEMU with accel kvm (real KVM).
+    QemuKvm,
+    /// containerd-shim-microvm-v2 on QEMU with accel tcg.
+    QemuTcg,
+    /// io.containerd.runc.v2 (always compared with).
+    Runc,
 }
 
-/// `None` when help was asked for.
-fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Options>> {
-    let mut options = Options {
-        runs: 5,
-        concurrent: 10,
-        initramfs: initramfs_from_env(),
-    };
-    let mut args = args.into_iter();
-    while let Some(arg) = args.next() {
-        let (name, inline) = match arg.split_once('=') {
-            Some((name, value)) if name.starts_with("--") => {
-                (name.to_owned(), Some(value.to_owned()))
-            }
-            _ => (arg.clone(), None),
-        };
-        let mut value = |what: &str| -> Result<String> {
-            match inline.clone() {
-                Some(value) => Ok(value),
-                None => bench::next_value(&mut args, &name, what),
-            }
-        };
-        match name.as_str() {
-            "-h" | "--help" => return Ok(None),
-            "--runs" => options.runs = count(&name, &value("a number")?)?,
-            "--concurrent" => options.concurrent = count(&name, &value("a number")?)?,
-            "--initramfs" => options.initramfs = Some(value("a path")?.into()),
-            other => bail!("unknown argument {other:?} (see --help)"),
+impl Runtime {
+    /// Its CRI handler's name, and its name in the table.
+    fn name(self) -> &'static str {
+        match self {
+            Runtime::Builtin => "builtin",
+            Runtime::QemuKvm => "qemu-kvm",
+            Runtime::QemuTcg => "qemu-tcg",
+            Runtime::Runc => "runc",
         }
     }
-    if options.runs == 0 {
-        bail!("--runs must be at least 1");
+
+    /// Our shim's backend; `None` for runc.
+    fn backend(self) -> Option<TestBackend> {
+        match self {
+            Runtime::Builtin => Some(TestBackend::Builtin),
+            Runtime::QemuKvm => Some(TestBackend::QemuKvm),
+            Runtime::QemuTcg => Some(TestBackend::QemuTcg),
+            Runtime::Runc => None,
+        }
     }
-    if options.concurrent > MAX_CONCURRENT {
+
+    fn shim(self) -> &'static str {
+        if self == Runtime::Runc {
+            RUNC_SHIM
+        } else {
+            SHIM
+        }
+    }
+
+    /// The mapping in /proc/<pid>/smaps that is this runtime's guest RAM.
+    fn guest_ram_mapping(self) -> Option<String> {
+        match self {
+            Runtime::Builtin => Some(format!(
+                "/memfd:{}",
+                microvm_vmm::memory::GUEST_RAM_MEMFD_NAME.to_string_lossy()
+            )),
+            Runtime::QemuKvm | Runtime::QemuTcg => Some(QEMU_GUEST_RAM_MAPPING.to_owned()),
+            Runtime::Runc => None,
+        }
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "cri-bench", about = ABOUT, long_about = LONG_ABOUT)]
+struct Options {
+    /// Pods per runtime for latency and memory.
+    #[arg(long, default_value_t = 5, value_name = "N", value_parser = at_least_one)]
+    runs: usize,
+    /// Pods per runtime started at once (0 skips; at most 50).
+    #[arg(long, default_value_t = 10, value_name = "N", value_parser = concurrent_pods)]
+    concurrent: usize,
+    /// The runtimes to compare, comma-separated; runc is always added.
+    /// Default: builtin,qemu-kvm,runc where KVM boots Linux (or inside the
+    /// KVM harness), else qemu-tcg,runc.
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "LIST")]
+    backends: Option<Vec<Runtime>>,
+    /// Guest kernel (vmlinux); default: the cached guest image.
+    #[arg(long, env = "MICROVM_TEST_KERNEL", value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Guest initramfs; default: the release image, built and cached on
+    /// first use.
+    #[arg(long, env = "MICROVM_TEST_INITRAMFS", value_name = "PATH")]
+    initramfs: Option<PathBuf>,
+    /// Run this bench under microvm-kvm-harness (built in this binary's
+    /// profile): inside a nested-KVM L1 on a PVM host, directly where KVM
+    /// boots Linux. The guest image is resolved here and passed on.
+    #[arg(long)]
+    kvm_harness: bool,
+    /// With --kvm-harness: the harness's --timeout.
+    #[arg(long, default_value_t = 3600, value_name = "SECONDS")]
+    harness_timeout: u64,
+    /// With --kvm-harness: L1's memory (the harness's --memory-mib).
+    #[arg(long, default_value_t = 8192, value_name = "MIB")]
+    l1_memory_mib: u32,
+}
+
+fn at_least_one(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(count) => Ok(count),
+        Err(err) => Err(err.to_string()),
+    }
+}
+
+fn concurrent_pods(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(count) if count > MAX_CONCURRENT => Err(format!(
+            "more than {MAX_CONCURRENT} VMs at once on a shared host"
+        )),
+        Ok(count) => Ok(count),
+        Err(err) => Err(err.to_string()),
+    }
+}
+
+/// Where this process runs, for the defaults and the report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// Inside the KVM harness's L1 (real KVM, emulated by TCG).
+    Nested,
+    /// A host whose KVM boots Linux.
+    RealKvm,
+    /// A host whose KVM cannot boot Linux (PVM, none).
+    NoKvm,
+}
+
+fn place() -> Place {
+    if in_nested_kvm() {
+        Place::Nested
+    } else if microvm_kvm_harness::host::detect().boots_linux() {
+        Place::RealKvm
+    } else {
+        Place::NoKvm
+    }
+}
+
+/// The runtimes of a run in table order: `chosen` (or the place's default)
+/// without repeats, runc last.
+fn runtimes(chosen: Option<&[Runtime]>, place: Place) -> Vec<Runtime> {
+    let default: &[Runtime] = match place {
+        Place::Nested | Place::RealKvm => &[Runtime::Builtin, Runtime::QemuKvm],
+        Place::NoKvm => &[Runtime::QemuTcg],
+    };
+    let mut list: Vec<Runtime> = Vec::new();
+    for runtime in chosen.unwrap_or(default) {
+        if *runtime != Runtime::Runc && !list.contains(runtime) {
+            list.push(*runtime);
+        }
+    }
+    list.push(Runtime::Runc);
+    list
+}
+
+/// Why `runtimes` cannot run here, if they cannot.
+fn refused(runtimes: &[Runtime], place: Place) -> Option<String> {
+    if runtimes.len() < 2 {
+        return Some("--backends names no microvm backend to compare with runc".into());
+    }
+    let needs_kvm: Vec<&str> = runtimes
+        .iter()
+        .filter(|runtime| runtime.backend().is_some_and(TestBackend::needs_real_kvm))
+        .map(|runtime| runtime.name())
+        .collect();
+    (place == Place::NoKvm && !needs_kvm.is_empty()).then(|| {
+        format!(
+            "{} need(s) a KVM that boots Linux, and this host's cannot ({}): add --kvm-harness",
+            needs_kvm.join(", "),
+            microvm_kvm_harness::host::detect()
+        )
+    })
+}
+
+/// A binary of this workspace built in the same profile as this one (its
+/// directory: `target/<profile>/`).
+fn sibling_binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot find this binary")?;
+    let path = exe
+        .parent()
+        .context("this binary has no directory")?
+        .join(name);
+    if !path.is_file() {
         bail!(
-            "--concurrent {} is more than {MAX_CONCURRENT} VMs at once on a shared host",
-            options.concurrent
+            "{} is missing: build it in this binary's profile (`cargo build --release -p \
+             containerd-shim-microvm-v2 -p microvm-vmm -p microvm-kvm-harness --bins`)",
+            path.display()
         );
     }
-    Ok(Some(options))
+    Ok(path)
+}
+
+/// The guest kernel and initramfs: the options' (or their environment
+/// variables'), else the cached image.
+fn guest_image(options: &Options) -> Result<(PathBuf, PathBuf)> {
+    let kernel = match &options.kernel {
+        Some(path) => path.clone(),
+        None => kernel::kernel().context("guest kernel")?.vmlinux,
+    };
+    let initramfs = initramfs_or_release(options.initramfs.clone()).context("guest initramfs")?;
+    Ok((kernel, initramfs))
+}
+
+/// The harness's arguments to run `exe` with `args` (this run's, less
+/// `--kvm-harness`).
+fn harness_args(
+    exe: &Path,
+    args: impl IntoIterator<Item = String>,
+    timeout: u64,
+    memory_mib: u32,
+) -> Vec<String> {
+    let mut argv: Vec<String> = vec![
+        "run".into(),
+        "--timeout".into(),
+        timeout.to_string(),
+        "--memory-mib".into(),
+        memory_mib.to_string(),
+        "--".into(),
+        exe.display().to_string(),
+    ];
+    argv.extend(args.into_iter().filter(|arg| arg != "--kvm-harness"));
+    argv
+}
+
+/// Runs this bench again under microvm-kvm-harness and exits with its
+/// status. The guest image is resolved here, so L1 does not check its
+/// inputs again under emulation (tests/src/kvm.rs does the same).
+fn run_under_harness(options: &Options) -> Result<ExitCode> {
+    let harness = sibling_binary(microvm_kvm_harness::BINARY)?;
+    let exe = std::env::current_exe().context("cannot find this binary")?;
+    let (kernel, initramfs) = guest_image(options)?;
+    let argv = harness_args(
+        &exe,
+        std::env::args().skip(1),
+        options.harness_timeout,
+        options.l1_memory_mib,
+    );
+    eprintln!(
+        "cri-bench: running under the KVM harness ({}): {} {}",
+        microvm_kvm_harness::host::detect(),
+        harness.display(),
+        argv.join(" ")
+    );
+    let mut child = Command::new(&harness)
+        .args(&argv)
+        .env("MICROVM_TEST_KERNEL", &kernel)
+        .env("MICROVM_TEST_INITRAMFS", &initramfs)
+        .spawn()
+        .with_context(|| format!("starting {}", harness.display()))?;
+    // A SIGTERM sent to this process alone goes on to the harness, which
+    // stops L1 and leaves nothing behind; a terminal's Ctrl-C reaches both.
+    let pid = i32::try_from(child.id()).context("harness pid")?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .context("watching SIGINT and SIGTERM")?;
+    let status = loop {
+        for signal in signals.pending() {
+            eprintln!("cri-bench: signal {signal}: passing it on to the harness");
+            // SAFETY: kill(2) with plain integers; `pid` is our child and
+            // not reaped yet (try_wait below reaps it, and then the loop
+            // ends), so it cannot be another process.
+            unsafe { libc::kill(pid, signal) };
+        }
+        if let Some(status) = child.try_wait().context("waiting for the harness")? {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let code = match (
+        status.code(),
+        std::os::unix::process::ExitStatusExt::signal(&status),
+    ) {
+        (Some(code), _) => code,
+        (None, Some(signal)) => 128 + signal,
+        (None, None) => 1,
+    };
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+fn main() -> ExitCode {
+    let options = Options::parse();
+    let place = place();
+    let runtimes = runtimes(options.backends.as_deref(), place);
+    if options.kvm_harness && place != Place::Nested {
+        return match run_under_harness(&options) {
+            Ok(code) => code,
+            Err(err) => {
+                eprintln!("cri-bench: {err:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(reason) = refused(&runtimes, place) {
+        let mut command = Options::command();
+        command
+            .error(clap::error::ErrorKind::ArgumentConflict, reason)
+            .exit();
+    }
+    let interrupt = match watch_signals() {
+        Ok(interrupt) => interrupt,
+        Err(err) => {
+            eprintln!("cri-bench: {err:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Everything the run started is torn down before `run` returns.
+    let result = run(&options, &runtimes, place, &interrupt);
+    match (interrupt.signal(), result) {
+        (0, Ok(())) => ExitCode::SUCCESS,
+        (0, Err(err)) => {
+            eprintln!("cri-bench: {err:#}");
+            ExitCode::FAILURE
+        }
+        (signal, _) => {
+            eprintln!("cri-bench: interrupted by signal {signal}; cleaned up");
+            ExitCode::from(u8::try_from(128 + signal).unwrap_or(1))
+        }
+    }
 }
 
 /// SIGINT/SIGTERM: the first one cancels the CRI calls in flight, so the
@@ -386,24 +658,91 @@ fn mapping_pss_kib(smaps: &str, name: &str) -> u64 {
     total
 }
 
+/// What a host process of a pod is, for the split of its memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Shim,
+    /// microvm-vmm (the jail's supervisor and the VMM) or QEMU.
+    Vmm,
+    Virtiofsd,
+    /// vhost-device-vsock, runc's pause, anything else of the pod.
+    Other,
+    /// runc's container process: shown, not counted (in a microVM it lives
+    /// in guest RAM).
+    Container,
+}
+
+impl Kind {
+    const COUNTED: [Kind; 4] = [Kind::Shim, Kind::Vmm, Kind::Virtiofsd, Kind::Other];
+
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Shim => "shim",
+            Kind::Vmm => "VMM",
+            Kind::Virtiofsd => "virtiofsd",
+            Kind::Other => "others",
+            Kind::Container => "container",
+        }
+    }
+
+    /// The kind of `process`, found below the shim of a `runtime` pod.
+    fn of(runtime: Runtime, process: &Process) -> Kind {
+        let program = process.program();
+        if runtime == Runtime::Runc {
+            if process.argv == PAUSE_ARGV {
+                Kind::Other
+            } else {
+                Kind::Container
+            }
+        } else if program == VMM || program.starts_with("qemu-system") {
+            Kind::Vmm
+        } else if program == "virtiofsd" {
+            Kind::Virtiofsd
+        } else {
+            Kind::Other
+        }
+    }
+}
+
 /// What one host process of a pod costs.
 #[derive(Debug, Clone)]
 struct ProcessMemory {
+    kind: Kind,
+    /// The program (`pause` for runc's sandbox process).
     label: String,
     pss_kib: u64,
     guest_ram_kib: u64,
-    /// Part of the pod's figure (the runc container's own process is not).
-    counted: bool,
 }
 
-fn process_memory(process: &Process, label: String, counted: bool) -> Option<ProcessMemory> {
+impl ProcessMemory {
+    fn counted(&self) -> bool {
+        self.kind != Kind::Container
+    }
+
+    fn outside_guest_ram_kib(&self) -> u64 {
+        self.pss_kib.saturating_sub(self.guest_ram_kib)
+    }
+}
+
+fn process_memory(
+    process: &Process,
+    kind: Kind,
+    label: String,
+    guest_ram: Option<&str>,
+) -> Option<ProcessMemory> {
     let rollup = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", process.pid)).ok()?;
-    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", process.pid)).ok()?;
+    let guest_ram_kib = match guest_ram {
+        Some(name) => {
+            let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", process.pid)).ok()?;
+            mapping_pss_kib(&smaps, name)
+        }
+        None => 0,
+    };
     Some(ProcessMemory {
+        kind,
         label,
         pss_kib: rollup_pss_kib(&rollup)?,
-        guest_ram_kib: mapping_pss_kib(&smaps, GUEST_RAM_MAPPING),
-        counted,
+        guest_ram_kib,
     })
 }
 
@@ -415,7 +754,7 @@ struct PodMemory {
 
 impl PodMemory {
     fn counted(&self) -> impl Iterator<Item = &ProcessMemory> {
-        self.processes.iter().filter(|process| process.counted)
+        self.processes.iter().filter(|process| process.counted())
     }
 
     fn pss_kib(&self) -> u64 {
@@ -430,16 +769,38 @@ impl PodMemory {
         self.pss_kib().saturating_sub(self.guest_ram_kib())
     }
 
-    /// `label PSS (outside guest RAM)` per process kind, summed.
+    /// PSS outside guest RAM of the processes of `kind`.
+    fn kind_kib(&self, kind: Kind) -> u64 {
+        self.processes
+            .iter()
+            .filter(|process| process.kind == kind)
+            .map(ProcessMemory::outside_guest_ram_kib)
+            .sum()
+    }
+
+    /// The programs that map the guest RAM, sorted.
+    fn guest_ram_mappers(&self) -> Vec<&str> {
+        let mut mappers: Vec<&str> = self
+            .processes
+            .iter()
+            .filter(|process| process.guest_ram_kib > 0)
+            .map(|process| process.label.as_str())
+            .collect();
+        mappers.sort_unstable();
+        mappers.dedup();
+        mappers
+    }
+
+    /// `label PSS (outside guest RAM)` per program, summed.
     fn breakdown(&self) -> String {
         let mut by_label: BTreeMap<&str, (u64, u64, usize, bool)> = BTreeMap::new();
         for process in &self.processes {
             let entry =
                 by_label
                     .entry(process.label.as_str())
-                    .or_insert((0, 0, 0, process.counted));
+                    .or_insert((0, 0, 0, process.counted()));
             entry.0 += process.pss_kib;
-            entry.1 += process.pss_kib.saturating_sub(process.guest_ram_kib);
+            entry.1 += process.outside_guest_ram_kib();
             entry.2 += 1;
         }
         by_label
@@ -463,43 +824,58 @@ impl PodMemory {
     }
 }
 
-/// The host memory of `pod`, or why it cannot be read.
-fn pod_memory(table: &[Process], socket: &str, handler: &str, pod: &str) -> Result<PodMemory> {
-    let shim_name = if handler == MICROVM_HANDLER {
-        SHIM
-    } else {
-        RUNC_SHIM
-    };
+/// The host memory of `pod`, a pod of `runtime`, or why it cannot be read.
+fn pod_memory(table: &[Process], socket: &str, runtime: Runtime, pod: &str) -> Result<PodMemory> {
+    let shim_name = runtime.shim();
+    let guest_ram = runtime.guest_ram_mapping();
     let shim = shim_of(table, shim_name, socket, pod)
         .with_context(|| format!("no {shim_name} process for pod {pod}"))?;
     let mut memory = PodMemory::default();
     memory.processes.push(
-        process_memory(shim, "shim".to_owned(), true)
+        process_memory(shim, Kind::Shim, "shim".to_owned(), guest_ram.as_deref())
             .with_context(|| format!("reading the memory of {shim_name} (pid {})", shim.pid))?,
     );
     for process in descendants(table, shim.pid) {
-        let (label, counted) = if handler == MICROVM_HANDLER {
-            (process.program().to_owned(), true)
-        } else if process.argv == PAUSE_ARGV {
-            ("pause".to_owned(), true)
-        } else {
-            (format!("container {}", process.program()), false)
+        let kind = Kind::of(runtime, process);
+        let label = match kind {
+            Kind::Other if runtime == Runtime::Runc => "pause".to_owned(),
+            Kind::Container => format!("container {}", process.program()),
+            _ => process.program().to_owned(),
         };
         // A process that exited meanwhile has nothing left to count.
-        if let Some(entry) = process_memory(process, label, counted) {
+        if let Some(entry) = process_memory(process, kind, label, guest_ram.as_deref()) {
             memory.processes.push(entry);
         }
     }
     Ok(memory)
 }
 
-/// The `-accel` of the first QEMU below one of `shims`.
-fn qemu_accel(table: &[Process], shims: &[u32]) -> Option<String> {
+/// What runs a `runtime` pod's VM, from the first VMM process below one
+/// of `shims`: QEMU's `-accel`, or microvm-vmm and whether it is jailed.
+fn vmm_seen(table: &[Process], shims: &[u32]) -> Option<String> {
     shims.iter().find_map(|&shim| {
-        descendants(table, shim)
-            .into_iter()
+        let below = descendants(table, shim);
+        if let Some(qemu) = below
+            .iter()
             .find(|process| process.program().starts_with("qemu-system"))
-            .and_then(|qemu| qemu.flag("-accel").map(str::to_owned))
+        {
+            return Some(format!(
+                "qemu-system-x86_64 -accel {}",
+                qemu.flag("-accel").unwrap_or("?")
+            ));
+        }
+        let vmms = below
+            .iter()
+            .filter(|process| process.program() == VMM)
+            .count();
+        let jailed = below.iter().any(|process| process.flag("--jail").is_some());
+        (vmms > 0).then(|| {
+            if jailed {
+                format!("{VMM} --jail (supervisor + jailed VMM)")
+            } else {
+                VMM.to_owned()
+            }
+        })
     })
 }
 
@@ -527,24 +903,13 @@ fn mib_f(kib: f64) -> String {
     }
 }
 
-fn against_target(value: f64, target: f64, unit: &str) -> String {
-    let verdict = if value.is_nan() {
-        "not measured"
-    } else if value <= target {
-        "met"
-    } else {
-        "not met here"
-    };
-    format!("<= {target} {unit}: {verdict}")
-}
-
 /// Everything one run starts. Dropping it (on success, error or signal)
 /// removes every pod through CRI and stops containerd ([`CriEnv`]'s drop),
 /// then kills whatever the run started that is still alive, unmounts what
 /// is left under the shim's work dir, and says what (if anything) it found.
 struct Bench {
     env: Option<CriEnv>,
-    /// The shim's config, state dir and VM logs.
+    /// The shim configs, state dirs and VM logs (one subdir per runtime).
     shim_work: TempDir,
     /// containerd's dir (socket, config, root, state): in the command line
     /// of containerd and of every shim it starts.
@@ -553,32 +918,47 @@ struct Bench {
 }
 
 impl Bench {
-    fn start(initramfs: Option<PathBuf>, interrupt: &Interrupt) -> Result<Self> {
-        let kernel = kernel::kernel().context("guest kernel")?;
-        interrupt.check()?;
-        let initramfs = initramfs_or_release(initramfs).context("guest initramfs")?;
+    /// Starts containerd with one CRI handler per microvm runtime of
+    /// `runtimes` (named after it, each with its own shim config under
+    /// `shim_work/<name>`), plus `runc`.
+    fn start(options: &Options, runtimes: &[Runtime], interrupt: &Interrupt) -> Result<Self> {
+        let (kernel, initramfs) = guest_image(options)?;
         interrupt.check()?;
         let shim_work = TempDir::new("cribench-shim");
-        let config = shim_work.join("microvm.toml");
-        // As write_qemu_shim_config, at log level info: debug logging would
-        // be part of what is measured.
-        std::fs::write(
-            &config,
-            format!(
-                "backend = \"qemu\"\nlog_level = \"info\"\n\
-                 [vm]\nkernel = \"{}\"\ninitramfs = \"{}\"\nmemory_mib = {GUEST_MEMORY_MIB}\n\
-                 kernel_args = \"microvm_agent_log=info\"\n\
-                 [timeouts]\nboot_seconds = 300\nagent_seconds = 60\n\
-                 [paths]\nstate_dir = \"{}\"\nlog_dir = \"{}\"\n[qemu]\naccel = \"tcg\"\n",
-                kernel.vmlinux.display(),
-                initramfs.display(),
-                shim_work.join("state").display(),
-                shim_work.join("logs").display(),
-            ),
-        )
-        .with_context(|| format!("writing {}", config.display()))?;
+        let mut configs: Vec<(&'static str, PathBuf)> = Vec::new();
+        for runtime in runtimes {
+            let Some(backend) = runtime.backend() else {
+                continue;
+            };
+            let work = shim_work.join(runtime.name());
+            std::fs::create_dir_all(&work)
+                .with_context(|| format!("creating {}", work.display()))?;
+            let config = write_shim_config_at(&work, &kernel, &initramfs, backend, "info")
+                .map_err(anyhow::Error::msg)?;
+            if backend == TestBackend::Builtin {
+                // The VMM this build made (the default `microvm-vmm` is
+                // looked up on containerd's PATH, where only the shim is).
+                let mut text = std::fs::read_to_string(&config)?;
+                text.push_str(&format!(
+                    "[builtin]\nvmm = \"{}\"\n",
+                    sibling_binary(VMM)?.display()
+                ));
+                std::fs::write(&config, text)
+                    .with_context(|| format!("writing {}", config.display()))?;
+            }
+            configs.push((runtime.name(), config));
+        }
+        // CriEnv's own `microvm` handler gets the first config; the bench
+        // uses the handlers named after the runtimes.
+        let (_, first) = configs
+            .first()
+            .context("no microvm runtime to compare with runc")?;
+        let extra: Vec<(&str, &Path)> = configs
+            .iter()
+            .map(|(name, config)| (*name, config.as_path()))
+            .collect();
         let cni_netns_before = cni_netns();
-        let env = CriEnv::start("cribench", &binary(SHIM), &config, &[])
+        let env = CriEnv::start("cribench", &sibling_binary(SHIM)?, first, &extra)
             .map_err(anyhow::Error::msg)
             .context("starting containerd with CRI")?;
         Ok(Self {
@@ -820,19 +1200,20 @@ struct Latencies {
 }
 
 struct LatencyPod {
-    handler: &'static str,
+    runtime: Runtime,
     id: String,
     name: String,
 }
 
-/// Runs a pod of `handler` and a sleep container in it, timing both.
+/// Runs a pod of `runtime` and a sleep container in it, timing both.
 fn one_pod(
     bench: &Bench,
     cri: Cri,
-    handler: &'static str,
+    runtime: Runtime,
     name: String,
     latencies: &mut Latencies,
 ) -> Result<LatencyPod> {
+    let handler = runtime.name();
     let env = bench.env()?;
     let config = pod_config(&name, &env.log_dir(&name), &[]);
     let started = Instant::now();
@@ -841,7 +1222,7 @@ fn one_pod(
         .with_context(|| format!("pod {name} ({handler})"))?;
     let run_pod = millis(started.elapsed());
     let pod = LatencyPod {
-        handler,
+        runtime,
         id: id.clone(),
         name: name.clone(),
     };
@@ -876,18 +1257,14 @@ struct Burst {
     pods: usize,
 }
 
-/// Starts `count` pods of `handler` from as many threads at once (sharing
+/// Starts `count` pods of `runtime` from as many threads at once (sharing
 /// one client: kubelet too has one CRI connection).
-fn burst(bench: &Bench, cri: Cri, handler: &'static str, count: usize) -> Result<Burst> {
+fn burst(bench: &Bench, cri: Cri, runtime: Runtime, count: usize) -> Result<Burst> {
     let env = bench.env()?;
-    let tag = if handler == MICROVM_HANDLER {
-        "mv"
-    } else {
-        "runc"
-    };
+    let handler = runtime.name();
     let configs: Vec<cri::PodSandboxConfig> = (0..count)
         .map(|index| {
-            let name = format!("{tag}-burst-{index}");
+            let name = format!("{handler}-burst-{index}");
             pod_config(&name, &env.log_dir(&name), &[])
         })
         .collect();
@@ -938,30 +1315,6 @@ fn burst(bench: &Bench, cri: Cri, handler: &'static str, count: usize) -> Result
     Ok(outcome)
 }
 
-const COLUMNS: Columns = Columns {
-    metric: "metric",
-    metric_width: 54,
-    ratio_width: 7,
-    target: "issue target (builtin backend, real KVM)",
-};
-
-/// A row of one figure for microvm and runc, shown by `show`, and their
-/// ratio.
-fn compared(
-    metric: impl Into<String>,
-    show: fn(f64) -> String,
-    (microvm, runc): (f64, f64),
-    target: String,
-) -> Row {
-    row(
-        metric,
-        show(microvm),
-        show(runc),
-        ratio(microvm, runc, 1),
-        target,
-    )
-}
-
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|text| {
@@ -973,13 +1326,495 @@ fn load_average() -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
-fn run(options: &Options, interrupt: &Interrupt) -> Result<()> {
+/// What a run measured of one runtime.
+struct Measured {
+    runtime: Runtime,
+    latencies: Latencies,
+    /// The latency pods' memory, all read while every one of them ran.
+    memory: Vec<(String, PodMemory)>,
+    burst: Option<Burst>,
+    /// What was seen running its VMs.
+    vmm: Option<String>,
+}
+
+impl Measured {
+    fn memory_mean(&self, value: impl Fn(&PodMemory) -> u64) -> f64 {
+        mean(
+            &self
+                .memory
+                .iter()
+                .map(|(_, pod)| value(pod) as f64)
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    fn run_pod_ms(&self) -> f64 {
+        median(&self.latencies.run_pod)
+    }
+
+    /// All pods at once until all ready, over one pod's RunPodSandbox.
+    fn burst_vs_one(&self) -> f64 {
+        self.burst
+            .as_ref()
+            .map_or(f64::NAN, |burst| burst.wall_ms / self.run_pod_ms())
+    }
+}
+
+/// One line of the table: the metric, a cell per runtime, a cell per
+/// ratio column.
+struct Line {
+    metric: String,
+    cells: Vec<String>,
+    ratios: Vec<String>,
+}
+
+/// A ratio column: `runtimes[over] / runtimes[under]`.
+struct RatioColumn {
+    heading: String,
+    over: usize,
+    under: usize,
+}
+
+/// builtin/qemu-kvm where both ran, then X/runc for each microvm runtime.
+fn ratio_columns(runtimes: &[Runtime]) -> Vec<RatioColumn> {
+    let at = |wanted: Runtime| runtimes.iter().position(|runtime| *runtime == wanted);
+    let mut columns = Vec::new();
+    if let (Some(over), Some(under)) = (at(Runtime::Builtin), at(Runtime::QemuKvm)) {
+        columns.push(RatioColumn {
+            heading: "builtin/qemu-kvm".into(),
+            over,
+            under,
+        });
+    }
+    if let Some(under) = at(Runtime::Runc) {
+        for (over, runtime) in runtimes.iter().enumerate() {
+            if *runtime != Runtime::Runc {
+                columns.push(RatioColumn {
+                    heading: format!("{}/runc", runtime.name()),
+                    over,
+                    under,
+                });
+            }
+        }
+    }
+    columns
+}
+
+fn numbers(
+    metric: impl Into<String>,
+    show: fn(f64) -> String,
+    values: &[f64],
+    columns: &[RatioColumn],
+) -> Line {
+    Line {
+        metric: metric.into(),
+        cells: values.iter().map(|value| show(*value)).collect(),
+        ratios: columns
+            .iter()
+            .map(|column| bench::ratio(values[column.over], values[column.under], 2))
+            .collect(),
+    }
+}
+
+fn words(metric: impl Into<String>, cells: Vec<String>, columns: &[RatioColumn]) -> Line {
+    Line {
+        metric: metric.into(),
+        cells,
+        ratios: columns.iter().map(|_| "-".to_owned()).collect(),
+    }
+}
+
+fn print_lines(runtimes: &[Runtime], columns: &[RatioColumn], lines: &[Line]) {
+    let metric_width = lines
+        .iter()
+        .map(|line| line.metric.len())
+        .max()
+        .unwrap_or(0)
+        .max("metric".len());
+    let mut widths: Vec<usize> = runtimes
+        .iter()
+        .enumerate()
+        .map(|(at, runtime)| {
+            lines
+                .iter()
+                .filter_map(|line| line.cells.get(at))
+                .map(String::len)
+                .chain([runtime.name().len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    widths.extend(columns.iter().enumerate().map(|(at, column)| {
+        lines
+            .iter()
+            .filter_map(|line| line.ratios.get(at))
+            .map(String::len)
+            .chain([column.heading.len()])
+            .max()
+            .unwrap_or(0)
+    }));
+    let headings: Vec<&str> = runtimes
+        .iter()
+        .map(|runtime| runtime.name())
+        .chain(columns.iter().map(|column| column.heading.as_str()))
+        .collect();
+    let render = |metric: &str, cells: Vec<&str>| {
+        let mut text = format!("{metric:<metric_width$}");
+        for (cell, width) in cells.iter().zip(&widths) {
+            text.push_str(&format!("  {cell:>width$}"));
+        }
+        println!("{}", text.trim_end());
+    };
+    render("metric", headings);
+    for line in lines {
+        render(
+            &line.metric,
+            line.cells
+                .iter()
+                .chain(&line.ratios)
+                .map(String::as_str)
+                .collect(),
+        );
+    }
+}
+
+/// One of the issue's targets, checked.
+#[derive(Debug, PartialEq)]
+struct Verdict {
+    target: String,
+    measured: String,
+    outcome: &'static str,
+}
+
+fn verdict(target: impl Into<String>, measured: String, met: Option<bool>) -> Verdict {
+    Verdict {
+        target: target.into(),
+        measured,
+        outcome: match met {
+            Some(true) => "met",
+            Some(false) => "MISSED",
+            None => "not measured",
+        },
+    }
+}
+
+/// `value <= limit`, `None` where a figure is missing.
+fn at_most(value: f64, limit: f64) -> Option<bool> {
+    value.is_finite().then_some(value <= limit)
+}
+
+/// The issue's targets for `builtin` (against `qemu-kvm` where it ran).
+fn verdicts(measured: &[Measured], concurrent: usize) -> Vec<Verdict> {
+    let of = |wanted: Runtime| measured.iter().find(|m| m.runtime == wanted);
+    let (builtin, qemu_kvm) = (of(Runtime::Builtin), of(Runtime::QemuKvm));
+    let missing = |what: &str| format!("- ({what} not in --backends)");
+    let mut list = Vec::new();
+    let memory = builtin.map(|b| b.memory_mean(PodMemory::outside_guest_ram_kib) / 1024.0);
+    list.push(match memory {
+        Some(value) => verdict(
+            format!("builtin host PSS per pod outside guest RAM <= {HOST_MEMORY_TARGET_MIB} MiB"),
+            format!("{value:.1} MiB"),
+            at_most(value, HOST_MEMORY_TARGET_MIB),
+        ),
+        None => verdict(
+            "builtin host PSS per pod <= 20 MiB",
+            missing("builtin"),
+            None,
+        ),
+    });
+    let against_qemu = |value: fn(&Measured) -> f64| match (builtin, qemu_kvm) {
+        (Some(b), Some(q)) => Some(value(b) / value(q)),
+        _ => None,
+    };
+    let pair = if builtin.is_none() {
+        missing("builtin")
+    } else {
+        missing("qemu-kvm")
+    };
+    list.push(
+        match against_qemu(|m| m.memory_mean(PodMemory::outside_guest_ram_kib)) {
+            Some(ratio) => verdict(
+                "builtin host PSS per pod <= 1/4 of qemu-kvm's",
+                format!("{ratio:.2}x"),
+                at_most(ratio, MEMORY_VS_QEMU_KVM_TARGET),
+            ),
+            None => verdict(
+                "builtin host PSS per pod <= 1/4 of qemu-kvm's",
+                pair.clone(),
+                None,
+            ),
+        },
+    );
+    list.push(match against_qemu(Measured::run_pod_ms) {
+        Some(ratio) => verdict(
+            "builtin RunPodSandbox <= 1/2 of qemu-kvm's",
+            format!("{ratio:.2}x"),
+            at_most(ratio, RUN_POD_VS_QEMU_KVM_TARGET),
+        ),
+        None => verdict("builtin RunPodSandbox <= 1/2 of qemu-kvm's", pair, None),
+    });
+    let target = format!(
+        "{CONCURRENT_TARGET_PODS} builtin pods at once <= {CONCURRENT_VS_ONE_TARGET}x one pod"
+    );
+    list.push(
+        match builtin.and_then(|b| b.burst.as_ref().map(|burst| (b, burst))) {
+            Some((b, burst)) => {
+                let ratio = b.burst_vs_one();
+                let mut text = format!("{ratio:.2}x");
+                if concurrent != CONCURRENT_TARGET_PODS {
+                    text.push_str(&format!(" (with {concurrent} pods)"));
+                }
+                let met = if burst.failures.is_empty() {
+                    at_most(ratio, CONCURRENT_VS_ONE_TARGET)
+                } else {
+                    text.push_str(&format!(
+                        ", {} of {} failed",
+                        burst.failures.len(),
+                        burst.pods
+                    ));
+                    Some(false)
+                };
+                verdict(target, text, met)
+            }
+            None if builtin.is_some() => verdict(target, "- (--concurrent 0)".into(), None),
+            None => verdict(target, missing("builtin"), None),
+        },
+    );
+    list
+}
+
+fn place_text(place: Place) -> String {
+    match place {
+        Place::Nested => "inside microvm-kvm-harness's nested-KVM L1 (real KVM whose every \
+                          instruction TCG emulates: compare times only as ratios within this run)"
+            .into(),
+        Place::RealKvm => format!("on this host ({})", microvm_kvm_harness::host::detect()),
+        Place::NoKvm => format!(
+            "on this host ({}; KVM backends need --kvm-harness)",
+            microvm_kvm_harness::host::detect()
+        ),
+    }
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|text| text.trim().to_owned())
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn print_report(options: &Options, place: Place, load_before: &str, measured: &[Measured]) {
+    let runtimes: Vec<Runtime> = measured.iter().map(|m| m.runtime).collect();
+    let columns = ratio_columns(&runtimes);
+    let values =
+        |value: &dyn Fn(&Measured) -> f64| -> Vec<f64> { measured.iter().map(value).collect() };
+    let mut lines = vec![
+        numbers(
+            format!("RunPodSandbox, pod ready (median of {})", options.runs),
+            ms,
+            &values(&Measured::run_pod_ms),
+            &columns,
+        ),
+        numbers(
+            format!("Create+StartContainer, sleep (median of {})", options.runs),
+            ms,
+            &values(&|m| median(&m.latencies.create_start)),
+            &columns,
+        ),
+        numbers(
+            "  CreateContainer",
+            ms,
+            &values(&|m| median(&m.latencies.create)),
+            &columns,
+        ),
+        numbers(
+            "  StartContainer",
+            ms,
+            &values(&|m| median(&m.latencies.start)),
+            &columns,
+        ),
+        numbers(
+            "Stop+RemovePodSandbox (median)",
+            ms,
+            &values(&|m| median(&m.latencies.teardown)),
+            &columns,
+        ),
+    ];
+    if options.concurrent > 0 {
+        let burst =
+            |value: fn(&Burst) -> f64| move |m: &Measured| m.burst.as_ref().map_or(f64::NAN, value);
+        lines.push(numbers(
+            format!("{} pods at once: all ready (wall)", options.concurrent),
+            ms,
+            &values(&burst(|b| b.wall_ms)),
+            &columns,
+        ));
+        lines.push(numbers(
+            "  that / one pod's RunPodSandbox median",
+            times,
+            &values(&Measured::burst_vs_one),
+            &columns,
+        ));
+        lines.push(numbers(
+            "  slowest single call",
+            ms,
+            &values(&burst(|b| max(&b.calls_ms))),
+            &columns,
+        ));
+        lines.push(words(
+            "  failed calls",
+            measured
+                .iter()
+                .map(|m| {
+                    m.burst.as_ref().map_or("-".into(), |b| {
+                        format!("{} of {}", b.failures.len(), b.pods)
+                    })
+                })
+                .collect(),
+            &columns,
+        ));
+    }
+    lines.push(numbers(
+        format!(
+            "host PSS per pod outside guest RAM (mean of {})",
+            options.runs
+        ),
+        mib_f,
+        &values(&|m| m.memory_mean(PodMemory::outside_guest_ram_kib)),
+        &columns,
+    ));
+    for kind in Kind::COUNTED {
+        lines.push(numbers(
+            format!("  {}", kind.label()),
+            mib_f,
+            &values(&|m| m.memory_mean(|pod| pod.kind_kib(kind))),
+            &columns,
+        ));
+    }
+    lines.push(numbers(
+        "guest RAM resident (memfd PSS, not in the above)",
+        mib_f,
+        &values(&|m| m.memory_mean(PodMemory::guest_ram_kib)),
+        &columns,
+    ));
+
+    println!();
+    println!(
+        "cri-bench: {} pods per runtime for latency and memory, {} at once; containerd 1.6 \
+         CRI, CNI bridge; guest {GUEST_MEMORY_MIB} MiB, 1 vCPU, shim log level info",
+        options.runs, options.concurrent
+    );
+    println!("where: {}", place_text(place));
+    println!(
+        "host: kernel {}, {} CPUs, load average before the run {load_before}, after {}",
+        kernel_release(),
+        std::thread::available_parallelism().map_or(0, usize::from),
+        load_average()
+    );
+    for m in measured {
+        let what = match m.runtime.backend() {
+            None => "io.containerd.runc.v2".to_owned(),
+            Some(_) => format!(
+                "containerd-shim-microvm-v2, VMs seen running as: {}",
+                m.vmm.as_deref().unwrap_or("NOTHING FOUND")
+            ),
+        };
+        println!("  {:<9} {what}", m.runtime.name());
+    }
+    println!();
+    print_lines(&runtimes, &columns, &lines);
+    println!();
+    println!("The issue's targets (#12):");
+    for v in verdicts(measured, options.concurrent) {
+        println!("  {:<62} {:>24}  {}", v.target, v.measured, v.outcome);
+    }
+    println!();
+    println!(
+        "Memory is PSS from /proc/<pid>/smaps_rollup (shared pages split among the processes \
+         that map them, so the pods' figures add up; with fewer pods running, each gets a \
+         larger share of the binaries' pages). Kernel memory (page tables, KVM's own, socket \
+         buffers) is in no figure. How the guest RAM was identified and taken out:"
+    );
+    for m in measured {
+        let Some(mapping) = m.runtime.guest_ram_mapping() else {
+            continue;
+        };
+        let mut mappers: Vec<&str> = m
+            .memory
+            .iter()
+            .flat_map(|(_, pod)| pod.guest_ram_mappers())
+            .collect();
+        mappers.sort_unstable();
+        mappers.dedup();
+        let source = if m.runtime == Runtime::Builtin {
+            "microvm-vmm's memfd_create name, microvm_vmm::memory::GUEST_RAM_MEMFD_NAME \
+             (vmm/src/memory.rs)"
+        } else {
+            "QEMU's memory-backend-memfd (shim/src/vm/mod.rs)"
+        };
+        if mappers.is_empty() {
+            println!(
+                "  {}: WARNING: no `{mapping}` mapping in any of its processes' smaps: its \
+                 `outside guest RAM` includes the guest RAM",
+                m.runtime.name()
+            );
+        } else {
+            println!(
+                "  {}: the `{mapping}` mappings in /proc/<pid>/smaps ({source}), found in {}",
+                m.runtime.name(),
+                mappers.join(", ")
+            );
+        }
+    }
+    println!();
+    println!(
+        "host PSS per pod ({} pods of each runtime running, one sleep container each):",
+        options.runs
+    );
+    for m in measured {
+        for (name, usage) in &m.memory {
+            println!(
+                "  {:<12} {:<9} total {:>9}, outside guest RAM {:>9}: {}",
+                name,
+                m.runtime.name(),
+                mib(usage.pss_kib()),
+                mib(usage.outside_guest_ram_kib()),
+                usage.breakdown()
+            );
+        }
+    }
+    for m in measured {
+        if let Some(burst) = &m.burst {
+            for failure in &burst.failures {
+                println!(
+                    "failed ({}, {} at once): {failure}",
+                    m.runtime.name(),
+                    burst.pods
+                );
+            }
+        }
+    }
+}
+
+fn times(value: f64) -> String {
+    if value.is_finite() {
+        format!("{value:.2}x")
+    } else {
+        "-".into()
+    }
+}
+
+fn run(options: &Options, runtimes: &[Runtime], place: Place, interrupt: &Interrupt) -> Result<()> {
     let load_before = load_average();
     let setup = Instant::now();
-    let bench = Bench::start(options.initramfs.clone(), interrupt)?;
+    let bench = Bench::start(options, runtimes, interrupt)?;
     eprintln!(
-        "cri-bench: setup (guest image, containerd, images) took {:.1} s",
-        setup.elapsed().as_secs_f64()
+        "cri-bench: setup (guest image, containerd, images) took {:.1} s; runtimes {}",
+        setup.elapsed().as_secs_f64(),
+        runtimes
+            .iter()
+            .map(|runtime| runtime.name())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     interrupt.check()?;
     let env = bench.env()?;
@@ -988,63 +1823,65 @@ fn run(options: &Options, interrupt: &Interrupt) -> Result<()> {
         interrupt,
     };
     let socket = bench.socket()?;
+    let mut measured: Vec<Measured> = runtimes
+        .iter()
+        .map(|runtime| Measured {
+            runtime: *runtime,
+            latencies: Latencies::default(),
+            memory: Vec::new(),
+            burst: None,
+            vmm: None,
+        })
+        .collect();
 
-    // Latency: microvm and runc alternate; the pods stay up for the
-    // memory reading.
-    let (mut microvm, mut runc) = (Latencies::default(), Latencies::default());
-    let mut pods = Vec::new();
+    // Latency: the runtimes alternate; the pods stay up for the memory
+    // reading.
+    let mut pods: Vec<(usize, LatencyPod)> = Vec::new();
     for index in 0..options.runs {
-        pods.push(one_pod(
-            &bench,
-            cri,
-            MICROVM_HANDLER,
-            format!("mv-{index}"),
-            &mut microvm,
-        )?);
-        pods.push(one_pod(
-            &bench,
-            cri,
-            RUNC_HANDLER,
-            format!("runc-{index}"),
-            &mut runc,
-        )?);
+        for (at, m) in measured.iter_mut().enumerate() {
+            let name = format!("{}-{index}", m.runtime.name());
+            let pod = one_pod(&bench, cri, m.runtime, name, &mut m.latencies)?;
+            pods.push((at, pod));
+        }
     }
     interrupt.sleep(SETTLE)?;
 
     // Memory, every pod at once.
     let table = process_table();
-    let mut memory: Vec<(&LatencyPod, PodMemory)> = Vec::new();
-    for pod in &pods {
-        memory.push((pod, pod_memory(&table, &socket, pod.handler, &pod.id)?));
+    for (at, pod) in &pods {
+        let usage = pod_memory(&table, &socket, pod.runtime, &pod.id)?;
+        measured[*at].memory.push((pod.name.clone(), usage));
     }
-    let microvm_shims: Vec<u32> = pods
-        .iter()
-        .filter(|pod| pod.handler == MICROVM_HANDLER)
-        .filter_map(|pod| shim_of(&table, SHIM, &socket, &pod.id).map(|shim| shim.pid))
-        .collect();
-    let accel = qemu_accel(&table, &microvm_shims).unwrap_or_else(|| "unknown".into());
+    for (at, m) in measured.iter_mut().enumerate() {
+        let shims: Vec<u32> = pods
+            .iter()
+            .filter(|(pod_at, _)| *pod_at == at)
+            .filter_map(|(_, pod)| {
+                shim_of(&table, pod.runtime.shim(), &socket, &pod.id).map(|shim| shim.pid)
+            })
+            .collect();
+        m.vmm = vmm_seen(&table, &shims);
+    }
 
-    for pod in &pods {
+    for (at, pod) in &pods {
         let started = Instant::now();
         cri.stop_and_remove_pod(&pod.id)
             .with_context(|| format!("removing pod {}", pod.name))?;
-        let took = millis(started.elapsed());
-        if pod.handler == MICROVM_HANDLER {
-            microvm.teardown.push(took);
-        } else {
-            runc.teardown.push(took);
-        }
+        measured[*at]
+            .latencies
+            .teardown
+            .push(millis(started.elapsed()));
     }
 
-    // Pods at once, one handler at a time.
-    let mut bursts = Vec::new();
+    // Pods at once, one runtime at a time.
     if options.concurrent > 0 {
-        for handler in [MICROVM_HANDLER, RUNC_HANDLER] {
+        for m in &mut measured {
+            let handler = m.runtime.name();
             eprintln!(
                 "cri-bench: starting {} {handler} pods at once",
                 options.concurrent
             );
-            let outcome = burst(&bench, cri, handler, options.concurrent)?;
+            let outcome = burst(&bench, cri, m.runtime, options.concurrent)?;
             eprintln!(
                 "cri-bench: {} {handler} pods: all RunPodSandbox calls returned after {:.1} ms, \
                  {} failed",
@@ -1059,185 +1896,12 @@ fn run(options: &Options, interrupt: &Interrupt) -> Result<()> {
                 "cri-bench: removed them in {:.1} ms",
                 millis(started.elapsed())
             );
-            bursts.push(outcome);
+            m.burst = Some(outcome);
         }
     }
 
-    print_report(
-        options,
-        &load_before,
-        &accel,
-        &microvm,
-        &runc,
-        &bursts,
-        &memory,
-    );
+    print_report(options, place, &load_before, &measured);
     Ok(())
-}
-
-fn print_report(
-    options: &Options,
-    load_before: &str,
-    accel: &str,
-    microvm: &Latencies,
-    runc: &Latencies,
-    bursts: &[Burst],
-    memory: &[(&LatencyPod, PodMemory)],
-) {
-    let none = String::new;
-    let pair =
-        |values: fn(&Latencies) -> &Vec<f64>| (median(values(microvm)), median(values(runc)));
-    let (run_pod, create_start) = (pair(|l| &l.run_pod), pair(|l| &l.create_start));
-    let mut rows = vec![
-        compared(
-            format!("RunPodSandbox, pod ready (median of {})", options.runs),
-            ms,
-            run_pod,
-            against_target(run_pod.0, POD_READY_TARGET_MS, "ms"),
-        ),
-        compared(
-            format!("Create+StartContainer, sleep (median of {})", options.runs),
-            ms,
-            create_start,
-            against_target(create_start.0, CONTAINER_START_TARGET_MS, "ms"),
-        ),
-        compared("  CreateContainer", ms, pair(|l| &l.create), none()),
-        compared("  StartContainer", ms, pair(|l| &l.start), none()),
-        compared(
-            "Stop+RemovePodSandbox (median)",
-            ms,
-            pair(|l| &l.teardown),
-            none(),
-        ),
-    ];
-    if let [mv, rc] = bursts {
-        let calls =
-            |statistic: fn(&[f64]) -> f64| (statistic(&mv.calls_ms), statistic(&rc.calls_ms));
-        rows.push(compared(
-            format!("{} pods at once: all RunPodSandbox returned", mv.pods),
-            ms,
-            (mv.wall_ms, rc.wall_ms),
-            none(),
-        ));
-        rows.push(compared("  slowest single call", ms, calls(max), none()));
-        rows.push(compared("  median call", ms, calls(median), none()));
-        rows.push(row(
-            "  failed calls",
-            format!("{} of {}", mv.failures.len(), mv.pods),
-            format!("{} of {}", rc.failures.len(), rc.pods),
-            none(),
-            none(),
-        ));
-    }
-    let memory_of = |handler: &str, value: fn(&PodMemory) -> u64| -> Vec<f64> {
-        memory
-            .iter()
-            .filter(|(pod, _)| pod.handler == handler)
-            .map(|(_, pod)| value(pod) as f64)
-            .collect()
-    };
-    let means = |value: fn(&PodMemory) -> u64| {
-        (
-            mean(&memory_of(MICROVM_HANDLER, value)),
-            mean(&memory_of(RUNC_HANDLER, value)),
-        )
-    };
-    let outside = means(PodMemory::outside_guest_ram_kib);
-    rows.push(compared(
-        format!(
-            "host PSS per pod outside guest RAM (mean of {})",
-            options.runs
-        ),
-        mib_f,
-        outside,
-        against_target(outside.0 / 1024.0, HOST_MEMORY_TARGET_MIB, "MiB"),
-    ));
-    rows.push(compared(
-        "  including guest RAM (memfd)",
-        mib_f,
-        means(PodMemory::pss_kib),
-        none(),
-    ));
-    let mv = mean(&memory_of(MICROVM_HANDLER, PodMemory::guest_ram_kib));
-    rows.push(row(
-        "  guest RAM resident (memfd PSS)",
-        mib_f(mv),
-        none(),
-        none(),
-        none(),
-    ));
-
-    println!();
-    println!(
-        "cri-bench: {} pods per handler for latency and memory, {} at once; containerd 1.6 CRI, \
-         CNI bridge",
-        options.runs, options.concurrent
-    );
-    println!(
-        "microvm: containerd-shim-microvm-v2, backend qemu, accel {accel} (from the running \
-         qemu's -accel), guest {GUEST_MEMORY_MIB} MiB, 1 vCPU; runc: io.containerd.runc.v2"
-    );
-    println!(
-        "host: {} CPUs shared with other work, load average before the run {load_before}, \
-         after {}",
-        std::thread::available_parallelism().map_or(0, usize::from),
-        load_average()
-    );
-    println!();
-    print_table(&COLUMNS, &rows);
-    println!();
-    println!(
-        "The issue's targets (pod ready <= {POD_READY_TARGET_MS} ms, container start <= \
-         {CONTAINER_START_TARGET_MS} ms, <= {HOST_MEMORY_TARGET_MIB} MiB host memory per pod \
-         outside guest RAM) are for the builtin backend on real KVM, which this host cannot run \
-         (its KVM is PVM: a stock Linux guest cannot boot). The microvm figures above are QEMU \
-         under TCG, where the guest kernel is emulated: they are what was measured, not an \
-         estimate of the KVM figures."
-    );
-    println!(
-        "Memory is PSS from /proc/<pid>/smaps_rollup (shared pages split among the processes \
-         that map them, so the pods' figures add up; with fewer pods running, each gets a larger share of \
-         the binaries' pages). The guest RAM is a memfd (`{GUEST_RAM_MAPPING}`) \
-         that qemu, virtiofsd and vhost-device-vsock all map; its PSS, read from \
-         /proc/<pid>/smaps, is taken out for `outside guest RAM` and shown apart. Outside \
-         guest RAM still holds QEMU's TCG translation cache, which KVM does not need. Kernel \
-         memory (page tables, socket buffers) is in neither figure. runc counts its shim and \
-         the pause process; its container's own process is shown, not counted (in a microVM \
-         it lives in guest RAM)."
-    );
-    println!();
-    println!(
-        "host PSS per pod ({} pods of each handler running, one sleep container each):",
-        options.runs
-    );
-    for (pod, usage) in memory {
-        println!(
-            "  {:<8} {:<7} total {:>9}, outside guest RAM {:>9}: {}",
-            pod.name,
-            pod.handler,
-            mib(usage.pss_kib()),
-            mib(usage.outside_guest_ram_kib()),
-            usage.breakdown()
-        );
-    }
-    if memory
-        .iter()
-        .any(|(pod, usage)| pod.handler == MICROVM_HANDLER && usage.guest_ram_kib() == 0)
-    {
-        println!(
-            "WARNING: a microvm pod has no `{GUEST_RAM_MAPPING}` mapping in its processes' \
-             smaps (has QEMU renamed its memfd?): its `outside guest RAM` includes the guest RAM"
-        );
-    }
-    for (handler, outcome) in [MICROVM_HANDLER, RUNC_HANDLER].iter().zip(bursts) {
-        for failure in &outcome.failures {
-            println!("failed ({handler}, {} at once): {failure}", outcome.pods);
-        }
-    }
-}
-
-fn main() -> ExitCode {
-    bench::main("cri-bench", USAGE, parse_args, watch_signals, run)
 }
 
 #[cfg(test)]
@@ -1248,31 +1912,42 @@ mod tests {
         words.iter().map(|word| (*word).to_owned()).collect()
     }
 
+    fn parse(words: &[&str]) -> Result<Options, clap::Error> {
+        Options::try_parse_from(std::iter::once("cri-bench").chain(words.iter().copied()))
+    }
+
     #[test]
     fn arguments_parse_and_bad_ones_are_refused() {
-        assert_eq!(parse_args(args(&["--help"])).unwrap(), None);
-        assert_eq!(parse_args(args(&["--runs", "2", "-h"])).unwrap(), None);
-        let options = parse_args(args(&[
+        Options::command().debug_assert();
+        let help = parse(&["--help"]).unwrap_err();
+        assert_eq!(help.kind(), clap::error::ErrorKind::DisplayHelp);
+        assert!(help.to_string().contains("--kvm-harness"), "{help}");
+        let options = parse(&[
             "--runs",
             "3",
             "--concurrent=4",
             "--initramfs",
             "/x.cpio",
-        ]))
-        .unwrap()
+            "--kernel",
+            "/vmlinux",
+            "--backends",
+            "qemu-kvm,builtin",
+            "--kvm-harness",
+        ])
         .unwrap();
-        assert_eq!(options.runs, 3);
-        assert_eq!(options.concurrent, 4);
+        assert_eq!((options.runs, options.concurrent), (3, 4));
         assert_eq!(options.initramfs, Some(PathBuf::from("/x.cpio")));
-        let defaults = parse_args(args(&[])).unwrap().unwrap();
-        assert_eq!((defaults.runs, defaults.concurrent), (5, 10));
+        assert_eq!(options.kernel, Some(PathBuf::from("/vmlinux")));
         assert_eq!(
-            parse_args(args(&["--concurrent", "0"]))
-                .unwrap()
-                .unwrap()
-                .concurrent,
-            0
+            options.backends.as_deref(),
+            Some(&[Runtime::QemuKvm, Runtime::Builtin][..])
         );
+        assert!(options.kvm_harness);
+        let defaults = parse(&[]).unwrap();
+        assert_eq!((defaults.runs, defaults.concurrent), (5, 10));
+        assert_eq!(defaults.backends, None);
+        assert!(!defaults.kvm_harness);
+        assert_eq!(parse(&["--concurrent", "0"]).unwrap().concurrent, 0);
         for bad in [
             &["--runs"][..],
             &["--runs", "many"],
@@ -1281,11 +1956,71 @@ mod tests {
             &["--concurrent", "51"],
             &["--concurrent"],
             &["--initramfs"],
+            &["--backends", "kata"],
+            &["--backends", "builtin,qemu"],
             &["run"],
             &["--rns=3"],
         ] {
-            assert!(parse_args(args(bad)).is_err(), "{bad:?} is refused");
+            assert!(parse(bad).is_err(), "{bad:?} is refused");
         }
+    }
+
+    #[test]
+    fn runtimes_default_by_place_dedup_and_end_with_runc() {
+        use Runtime::*;
+        assert_eq!(runtimes(None, Place::Nested), [Builtin, QemuKvm, Runc]);
+        assert_eq!(runtimes(None, Place::RealKvm), [Builtin, QemuKvm, Runc]);
+        assert_eq!(runtimes(None, Place::NoKvm), [QemuTcg, Runc]);
+        assert_eq!(
+            runtimes(Some(&[Runc, QemuTcg, Builtin, QemuTcg]), Place::Nested),
+            [QemuTcg, Builtin, Runc]
+        );
+        assert_eq!(refused(&runtimes(None, Place::NoKvm), Place::NoKvm), None);
+        assert_eq!(refused(&runtimes(None, Place::Nested), Place::Nested), None);
+        let no_kvm = refused(&[Builtin, QemuTcg, Runc], Place::NoKvm).unwrap();
+        assert!(
+            no_kvm.contains("builtin") && no_kvm.contains("--kvm-harness"),
+            "{no_kvm}"
+        );
+        assert!(refused(&runtimes(Some(&[Runc]), Place::Nested), Place::Nested).is_some());
+        assert_eq!(
+            [Builtin, QemuKvm, QemuTcg, Runc].map(Runtime::name),
+            ["builtin", "qemu-kvm", "qemu-tcg", "runc"]
+        );
+        // The names are the --backends values too.
+        for runtime in [Builtin, QemuKvm, QemuTcg, Runc] {
+            assert_eq!(Runtime::from_str(runtime.name(), false).unwrap(), runtime);
+        }
+    }
+
+    #[test]
+    fn the_harness_reruns_this_binary_without_kvm_harness() {
+        let argv = harness_args(
+            Path::new("/t/release/cri-bench"),
+            args(&["--runs", "3", "--kvm-harness", "--concurrent", "10"]),
+            3600,
+            8192,
+        );
+        assert_eq!(
+            argv,
+            args(&[
+                "run",
+                "--timeout",
+                "3600",
+                "--memory-mib",
+                "8192",
+                "--",
+                "/t/release/cri-bench",
+                "--runs",
+                "3",
+                "--concurrent",
+                "10"
+            ])
+        );
+        // What the re-run parses is the same run, here.
+        let rerun = parse(&argv[7..].iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+        assert!(!rerun.kvm_harness);
+        assert_eq!((rerun.runs, rerun.concurrent), (3, 10));
     }
 
     const SMAPS: &str = "\
@@ -1301,11 +2036,19 @@ VmFlags: rd wr sh mr mw me ms sd
 Pss:                   4 kB
 7f0020000000-7f0030000000 rw-p 00000000 00:00 0
 Pss:                9000 kB
+7f1000000000-7f1010000000 rw-s 00000000 00:01 77     /memfd:microvm-guest-ram (deleted)
+Pss:               30000 kB
 ";
 
     #[test]
-    fn guest_ram_pss_is_the_memfd_mem_mapping_only() {
-        assert_eq!(mapping_pss_kib(SMAPS, GUEST_RAM_MAPPING), 40000);
+    fn guest_ram_pss_is_the_runtimes_memfd_mapping_only() {
+        let qemu = Runtime::QemuKvm.guest_ram_mapping().unwrap();
+        assert_eq!(Runtime::QemuTcg.guest_ram_mapping().unwrap(), qemu);
+        assert_eq!(mapping_pss_kib(SMAPS, &qemu), 40000);
+        let builtin = Runtime::Builtin.guest_ram_mapping().unwrap();
+        assert_eq!(builtin, "/memfd:microvm-guest-ram");
+        assert_eq!(mapping_pss_kib(SMAPS, &builtin), 30000);
+        assert_eq!(Runtime::Runc.guest_ram_mapping(), None);
         assert_eq!(mapping_pss_kib(SMAPS, "/memfd:other"), 0);
         assert_eq!(
             rollup_pss_kib(
@@ -1316,40 +2059,58 @@ Pss:                9000 kB
         assert_eq!(rollup_pss_kib("Rss: 9 kB\n"), None);
     }
 
+    /// The VMM's real guest memory shows in this process's smaps under
+    /// the name the bench looks for.
     #[test]
-    fn pod_memory_counts_only_counted_processes() {
-        let memory = PodMemory {
-            processes: vec![
-                ProcessMemory {
-                    label: "shim".into(),
-                    pss_kib: 3000,
-                    guest_ram_kib: 0,
-                    counted: true,
-                },
-                ProcessMemory {
-                    label: "qemu-system-x86_64".into(),
-                    pss_kib: 50000,
-                    guest_ram_kib: 40000,
-                    counted: true,
-                },
-                ProcessMemory {
-                    label: "container sleep".into(),
-                    pss_kib: 100,
-                    guest_ram_kib: 0,
-                    counted: false,
-                },
-            ],
-        };
-        assert_eq!(memory.pss_kib(), 53000);
-        assert_eq!(memory.guest_ram_kib(), 40000);
-        assert_eq!(memory.outside_guest_ram_kib(), 13000);
+    fn microvm_vmm_guest_ram_is_found_by_its_mapping_name() {
+        use vm_memory::{Bytes, GuestAddress};
+        let ram = microvm_vmm::memory::create_guest_memory(8 << 20).unwrap();
+        ram.memory
+            .write_slice(&[1u8; 1 << 20], GuestAddress(0x10_0000))
+            .unwrap();
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mapping = Runtime::Builtin.guest_ram_mapping().unwrap();
+        let kib = mapping_pss_kib(&smaps, &mapping);
+        assert!(kib >= 1024, "{kib} KiB of {mapping} in smaps");
+    }
+
+    fn memory(entries: &[(Kind, &str, u64, u64)]) -> PodMemory {
+        PodMemory {
+            processes: entries
+                .iter()
+                .map(|(kind, label, pss_kib, guest_ram_kib)| ProcessMemory {
+                    kind: *kind,
+                    label: (*label).to_owned(),
+                    pss_kib: *pss_kib,
+                    guest_ram_kib: *guest_ram_kib,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn pod_memory_counts_only_counted_processes_and_splits_by_kind() {
+        let memory = memory(&[
+            (Kind::Shim, "shim", 3000, 0),
+            (Kind::Vmm, "microvm-vmm", 1000, 0),
+            (Kind::Vmm, "microvm-vmm", 50000, 40000),
+            (Kind::Virtiofsd, "virtiofsd", 2500, 500),
+            (Kind::Container, "container sleep", 100, 0),
+        ]);
+        assert_eq!(memory.pss_kib(), 56500);
+        assert_eq!(memory.guest_ram_kib(), 40500);
+        assert_eq!(memory.outside_guest_ram_kib(), 16000);
+        assert_eq!(memory.kind_kib(Kind::Vmm), 11000);
+        assert_eq!(memory.kind_kib(Kind::Virtiofsd), 2000);
+        assert_eq!(memory.kind_kib(Kind::Other), 0);
+        assert_eq!(memory.guest_ram_mappers(), ["microvm-vmm", "virtiofsd"]);
         let text = memory.breakdown();
         assert!(
             text.contains("container sleep 0.1 MiB [not counted]"),
             "{text}"
         );
         assert!(
-            text.contains("qemu-system-x86_64 48.8 MiB (9.8 MiB w/o guest RAM)"),
+            text.contains("microvm-vmm 49.8 MiB (10.7 MiB w/o guest RAM) [2 procs]"),
             "{text}"
         );
     }
@@ -1364,72 +2125,79 @@ Pss:                9000 kB
     }
 
     #[test]
-    fn a_pods_shim_and_its_processes_are_found_by_command_line_and_parent() {
+    fn a_pods_shim_and_its_processes_are_found_and_classified() {
+        let shim = |pid, id: &str, address: &str| {
+            process(
+                pid,
+                1,
+                &[
+                    "/bin/containerd-shim-microvm-v2",
+                    "-namespace",
+                    "k8s.io",
+                    "-id",
+                    id,
+                    "-address",
+                    address,
+                ],
+            )
+        };
         let table = vec![
             process(
                 10,
                 1,
                 &["/usr/bin/containerd", "--config", "/tmp/c/containerd.toml"],
             ),
-            process(
-                20,
-                1,
-                &[
-                    "/bin/containerd-shim-microvm-v2",
-                    "-namespace",
-                    "k8s.io",
-                    "-id",
-                    "podA",
-                    "-address",
-                    "/tmp/c/c.sock",
-                ],
-            ),
-            process(
-                21,
-                1,
-                &[
-                    "/bin/containerd-shim-microvm-v2",
-                    "-namespace",
-                    "k8s.io",
-                    "-id",
-                    "podA",
-                    "-address",
-                    "/tmp/other/c.sock",
-                ],
-            ),
-            process(
-                22,
-                1,
-                &[
-                    "/bin/containerd-shim-microvm-v2",
-                    "-namespace",
-                    "k8s.io",
-                    "-id",
-                    "podAB",
-                    "-address",
-                    "/tmp/c/c.sock",
-                ],
-            ),
-            process(30, 20, &["/usr/bin/qemu-system-x86_64", "-accel", "tcg"]),
+            shim(20, "podA", "/tmp/c/c.sock"),
+            shim(21, "podA", "/tmp/other/c.sock"),
+            shim(22, "podAB", "/tmp/c/c.sock"),
+            shim(23, "podB", "/tmp/c/c.sock"),
+            process(30, 20, &["/usr/bin/qemu-system-x86_64", "-accel", "kvm"]),
             process(31, 20, &["virtiofsd", "--socket-path", "x"]),
             process(32, 31, &["virtiofsd", "--socket-path", "x"]),
-            process(40, 22, &["/usr/bin/qemu-system-x86_64", "-accel", "kvm"]),
+            process(33, 20, &["vhost-device-vsock", "--guest-cid", "3"]),
+            process(40, 23, &["/t/release/microvm-vmm", "--jail", "/run/j"]),
+            process(41, 40, &["microvm-vmm", "--config", "/vm/config.json"]),
+            process(42, 23, &["/usr/bin/virtiofsd"]),
         ];
-        let shim = shim_of(&table, SHIM, "/tmp/c/c.sock", "podA").unwrap();
-        assert_eq!(shim.pid, 20);
+        let found = shim_of(&table, SHIM, "/tmp/c/c.sock", "podA").unwrap();
+        assert_eq!(found.pid, 20);
         let mut below: Vec<u32> = descendants(&table, 20).iter().map(|p| p.pid).collect();
         below.sort_unstable();
-        assert_eq!(below, [30, 31, 32]);
+        assert_eq!(below, [30, 31, 32, 33]);
         assert!(shim_of(&table, RUNC_SHIM, "/tmp/c/c.sock", "podA").is_none());
-        assert_eq!(qemu_accel(&table, &[20]).as_deref(), Some("tcg"));
-        assert_eq!(table[4].program(), "qemu-system-x86_64");
+        assert_eq!(
+            vmm_seen(&table, &[20]).as_deref(),
+            Some("qemu-system-x86_64 -accel kvm")
+        );
+        assert_eq!(
+            vmm_seen(&table, &[23]).as_deref(),
+            Some("microvm-vmm --jail (supervisor + jailed VMM)")
+        );
+        assert_eq!(vmm_seen(&table, &[22]), None);
+        let kinds = |runtime, pids: &[usize]| -> Vec<Kind> {
+            pids.iter()
+                .map(|at| Kind::of(runtime, &table[*at]))
+                .collect()
+        };
+        assert_eq!(
+            kinds(Runtime::QemuKvm, &[5, 6, 8]),
+            [Kind::Vmm, Kind::Virtiofsd, Kind::Other]
+        );
+        assert_eq!(
+            kinds(Runtime::Builtin, &[9, 10, 11]),
+            [Kind::Vmm, Kind::Vmm, Kind::Virtiofsd]
+        );
+        let pause = process(50, 24, &PAUSE_ARGV);
+        let sleep = process(51, 24, &["sleep", "3600"]);
+        assert_eq!(Kind::of(Runtime::Runc, &pause), Kind::Other);
+        assert_eq!(Kind::of(Runtime::Runc, &sleep), Kind::Container);
     }
 
     #[test]
     fn this_process_has_a_pss() {
         let me = read_process(std::process::id()).unwrap();
         assert!(!me.argv.is_empty());
-        let memory = process_memory(&me, "me".into(), true).unwrap();
+        let memory = process_memory(&me, Kind::Shim, "me".into(), Some("/memfd:none")).unwrap();
         assert!(
             memory.pss_kib > 0 && memory.guest_ram_kib == 0,
             "{memory:?}"
@@ -1453,19 +2221,105 @@ time="t" level=info msg="StopPodSandbox for \"abc\""
         assert_eq!(calls_in_flight(""), 0);
     }
 
+    fn measured(
+        runtime: Runtime,
+        run_pod: &[f64],
+        outside_kib: u64,
+        burst: Option<f64>,
+    ) -> Measured {
+        Measured {
+            runtime,
+            latencies: Latencies {
+                run_pod: run_pod.to_vec(),
+                ..Latencies::default()
+            },
+            memory: vec![(
+                "p".into(),
+                memory(&[(Kind::Vmm, "vmm", outside_kib + 1000, 1000)]),
+            )],
+            burst: burst.map(|wall_ms| Burst {
+                wall_ms,
+                calls_ms: vec![wall_ms],
+                failures: Vec::new(),
+                pods: 10,
+            }),
+            vmm: None,
+        }
+    }
+
     #[test]
-    fn maxima_targets_and_compared_rows() {
+    fn targets_are_met_or_missed_from_the_figures() {
+        let runs = [
+            measured(
+                Runtime::Builtin,
+                &[1000.0, 1200.0, 900.0],
+                10 * 1024,
+                Some(2500.0),
+            ),
+            measured(Runtime::QemuKvm, &[3000.0], 60 * 1024, Some(9000.0)),
+            measured(Runtime::Runc, &[100.0], 5 * 1024, Some(400.0)),
+        ];
+        let list = verdicts(&runs, 10);
+        let outcomes: Vec<(&str, &str)> = list
+            .iter()
+            .map(|v| (v.measured.as_str(), v.outcome))
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                ("10.0 MiB", "met"),
+                ("0.17x", "met"),
+                ("0.33x", "met"),
+                ("2.50x", "met")
+            ]
+        );
+        let runs = [
+            measured(Runtime::Builtin, &[2000.0], 30 * 1024, Some(8000.0)),
+            measured(Runtime::QemuKvm, &[3000.0], 60 * 1024, None),
+            measured(Runtime::Runc, &[100.0], 5 * 1024, None),
+        ];
+        let outcomes: Vec<&str> = verdicts(&runs, 10).iter().map(|v| v.outcome).collect();
+        assert_eq!(outcomes, ["MISSED", "MISSED", "MISSED", "MISSED"]);
+        let mut failing = measured(Runtime::Builtin, &[1000.0], 10 * 1024, Some(1500.0));
+        if let Some(burst) = failing.burst.as_mut() {
+            burst.failures.push("builtin-burst-3: boom".into());
+        }
+        let last = verdicts(&[failing], 10).pop().unwrap();
+        assert_eq!(
+            (last.measured.as_str(), last.outcome),
+            ("1.50x, 1 of 10 failed", "MISSED")
+        );
+        // Without builtin or qemu-kvm in the run, nothing is claimed.
+        let runs = [
+            measured(Runtime::QemuTcg, &[3000.0], 60 * 1024, Some(9000.0)),
+            measured(Runtime::Runc, &[100.0], 5 * 1024, None),
+        ];
+        assert!(verdicts(&runs, 10)
+            .iter()
+            .all(|v| v.outcome == "not measured"));
+    }
+
+    #[test]
+    fn ratio_columns_follow_the_runtimes() {
+        use Runtime::*;
+        let headings = |runtimes: &[Runtime]| -> Vec<String> {
+            ratio_columns(runtimes)
+                .into_iter()
+                .map(|column| column.heading)
+                .collect()
+        };
+        assert_eq!(
+            headings(&[Builtin, QemuKvm, Runc]),
+            ["builtin/qemu-kvm", "builtin/runc", "qemu-kvm/runc"]
+        );
+        assert_eq!(headings(&[QemuTcg, Runc]), ["qemu-tcg/runc"]);
+        let columns = ratio_columns(&[Builtin, QemuKvm, Runc]);
+        let line = numbers("m", ms, &[300.0, 600.0, 100.0], &columns);
+        assert_eq!(line.cells, ["300.0 ms", "600.0 ms", "100.0 ms"]);
+        assert_eq!(line.ratios, ["0.50x", "3.00x", "6.00x"]);
         assert_eq!(max(&[1.0, 5.0, 2.0]), 5.0);
         assert!(max(&[]).is_nan());
-        let row = compared("m", ms, (300.0, 100.0), String::new());
-        assert_eq!(
-            (row.microvm.as_str(), row.runc.as_str(), row.ratio.as_str()),
-            ("300.0 ms", "100.0 ms", "3.0x")
-        );
-        assert_eq!(against_target(100.0, 150.0, "ms"), "<= 150 ms: met");
-        assert_eq!(
-            against_target(3000.0, 150.0, "ms"),
-            "<= 150 ms: not met here"
-        );
+        assert_eq!(times(2.5), "2.50x");
+        assert_eq!(times(f64::NAN), "-");
     }
 }

@@ -27,7 +27,7 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use virtio_queue::{Queue, QueueT};
@@ -262,12 +262,17 @@ pub fn rng_queue(data: &[u8]) {
     }
 }
 
+const VSOCK_DIR_PREFIX: &str = "microvm-fuzz-";
+
 /// A directory for this process's vsock sockets, with a listener on host
 /// port 1024 that never accepts (guest connects land in its backlog).
+/// libFuzzer ends the process with exit(), so the directory outlives it:
+/// the next process removes those of processes that are gone.
 fn vsock_dir() -> Option<&'static (PathBuf, UnixListener)> {
     static DIR: OnceLock<Option<(PathBuf, UnixListener)>> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("microvm-fuzz-{}", std::process::id()));
+        remove_dirs_of_dead_processes();
+        let dir = std::env::temp_dir().join(format!("{VSOCK_DIR_PREFIX}{}", std::process::id()));
         std::fs::create_dir_all(&dir).ok()?;
         let port = dir.join("v.sock_1024");
         let _ = std::fs::remove_file(&port);
@@ -275,6 +280,25 @@ fn vsock_dir() -> Option<&'static (PathBuf, UnixListener)> {
         Some((dir, listener))
     })
     .as_ref()
+}
+
+fn remove_dirs_of_dead_processes() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|name| name.strip_prefix(VSOCK_DIR_PREFIX))
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 fn vsock_device() -> Option<Vsock> {

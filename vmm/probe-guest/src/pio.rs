@@ -5,9 +5,10 @@
 use core::arch::asm;
 
 pub const SERIAL_THR: u16 = 0x3f8;
-pub const DEBUG_BOOT_TIMER: u16 = 0x440;
-pub const DEBUG_SHUTDOWN: u16 = 0x441;
-pub const BOOT_TIMER_MAGIC: u8 = 123;
+pub use microvm_abi::ports::BOOT_TIMER_MAGIC;
+pub use microvm_abi::ports::{
+    BOOT_TIMER_PORT as DEBUG_BOOT_TIMER, SHUTDOWN_PORT as DEBUG_SHUTDOWN,
+};
 pub const I8042_COMMAND: u16 = 0x64;
 pub const I8042_RESET_CPU: u8 = 0xfe;
 

@@ -2,12 +2,12 @@
 //! system; the VMM only offers the device and hands the rings over.
 
 use super::ConfigError;
+use microvm_devices::virtio::fs::VhostUserFsConfig;
+pub use microvm_devices::virtio::fs::FS_TAG_MAX_LEN;
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 
-/// Longest mount tag the virtio-fs config space holds (bytes of UTF-8).
-pub const FS_TAG_MAX_LEN: usize = 36;
 /// Most request queues one share may ask for; the back-end may allow fewer
 /// (virtiofsd serves one), which is checked when the VMM connects.
 pub const FS_MAX_REQUEST_QUEUES: u16 = 16;
@@ -46,6 +46,16 @@ impl FsConfig {
             tag,
             num_queues: default_num_queues(),
             queue_size: default_queue_size(),
+        }
+    }
+
+    /// What the device model needs (after [`validate`](Self::validate)).
+    pub fn device_config(&self) -> VhostUserFsConfig {
+        VhostUserFsConfig {
+            socket: self.socket.clone(),
+            tag: self.tag.clone(),
+            num_queues: self.num_queues,
+            queue_size: self.queue_size,
         }
     }
 

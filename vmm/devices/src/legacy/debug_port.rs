@@ -13,9 +13,7 @@ use std::sync::Arc;
 use vm_device::bus::{PioAddress, PioAddressOffset};
 use vm_device::MutDevicePio;
 
-pub const DEBUG_PORT_BASE: u16 = 0x440;
-pub const DEBUG_PORT_LEN: u16 = 2;
-pub const BOOT_TIMER_MAGIC: u8 = 123;
+pub use microvm_abi::ports::{BOOT_TIMER_MAGIC, DEBUG_PORT_BASE, DEBUG_PORT_LEN};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DebugPortEvent {

@@ -11,6 +11,7 @@
 //! takes the device mutex, so the two cannot deadlock.
 
 pub mod block;
+pub mod fs;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod guest_ring;
 pub mod mmio;

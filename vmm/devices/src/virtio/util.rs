@@ -7,7 +7,7 @@ use crate::GuestMemoryMmap;
 use event_manager::{EventOps, EventSet, Events};
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemory;
@@ -272,14 +272,35 @@ impl<S> Activation<S> {
         Ok(())
     }
 
-    /// Called from `VirtioDevice::reset`: drops the state; the event loop
-    /// unregisters the queue events when it sees the activate event.
-    pub fn reset(&mut self, device: &str) {
+    /// The whole `VirtioDevice::activate` of a device with exactly `N`
+    /// queues: checks the count, builds the device's state from the memory,
+    /// the queues (in index order) and the interrupt, and activates.
+    pub fn activate_queues<const N: usize>(
+        &mut self,
+        ctx: super::ActivateContext,
+        state: impl FnOnce(GuestMemoryMmap, [Queue; N], Arc<VirtioInterrupt>) -> S,
+    ) -> Result<(), super::ActivateError> {
+        let got = ctx.queues.len();
+        let queues: [Queue; N] = ctx
+            .queues
+            .try_into()
+            .map_err(|_| super::ActivateError::QueueCount { expected: N, got })?;
+        let state = state(ctx.mem, queues, ctx.interrupt);
+        self.activate(ctx.queue_events, state)
+    }
+
+    /// The whole `VirtioDevice::reset` of a device whose only other
+    /// negotiated state is its acked features: drops the state (the event
+    /// loop unregisters the queue events when it sees the activate event)
+    /// and forgets the features. Always succeeds.
+    pub fn reset(&mut self, device: &str, acked_features: &mut u64) -> bool {
         self.state = None;
+        *acked_features = 0;
         self.queue_events.stage(Vec::new());
         if let Err(e) = self.event.write(1) {
             tracing::error!(error = %e, "{device}: failed to signal reset to the event loop");
         }
+        true
     }
 
     pub fn is_active(&self) -> bool {

@@ -385,18 +385,13 @@ impl VirtioDevice for Net {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let got = ctx.queues.len();
-        let mut queues = ctx.queues.into_iter();
-        let (Some(rx), Some(tx), 2) = (queues.next(), queues.next(), got) else {
-            return Err(ActivateError::QueueCount { expected: 2, got });
-        };
-        let state = ActiveState {
-            mem: ctx.mem,
-            rx,
-            tx,
-            interrupt: ctx.interrupt,
-        };
-        self.activation.activate(ctx.queue_events, state)
+        self.activation
+            .activate_queues(ctx, |mem, [rx, tx], interrupt| ActiveState {
+                mem,
+                rx,
+                tx,
+                interrupt,
+            })
     }
 
     fn is_activated(&self) -> bool {
@@ -404,10 +399,9 @@ impl VirtioDevice for Net {
     }
 
     fn reset(&mut self) -> bool {
-        self.activation.reset("virtio-net");
-        self.acked_features = 0;
         self.rx_pending = None;
-        true
+        self.activation
+            .reset("virtio-net", &mut self.acked_features)
     }
 
     fn metrics(&self) -> serde_json::Value {

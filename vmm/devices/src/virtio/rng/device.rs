@@ -179,16 +179,12 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let got = ctx.queues.len();
-        let (Some(queue), 1) = (ctx.queues.into_iter().next(), got) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
-        let state = ActiveState {
-            mem: ctx.mem,
-            queue,
-            interrupt: ctx.interrupt,
-        };
-        self.activation.activate(ctx.queue_events, state)
+        self.activation
+            .activate_queues(ctx, |mem, [queue], interrupt| ActiveState {
+                mem,
+                queue,
+                interrupt,
+            })
     }
 
     fn is_activated(&self) -> bool {
@@ -196,9 +192,8 @@ impl VirtioDevice for Rng {
     }
 
     fn reset(&mut self) -> bool {
-        self.activation.reset("virtio-rng");
-        self.acked_features = 0;
-        true
+        self.activation
+            .reset("virtio-rng", &mut self.acked_features)
     }
 
     fn metrics(&self) -> serde_json::Value {

@@ -1,4 +1,4 @@
-use microvm_devices::metrics::Counter;
+use crate::metrics::Counter;
 use serde::Serialize;
 
 #[derive(Default, Debug, Serialize)]

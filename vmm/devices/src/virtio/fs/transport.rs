@@ -9,8 +9,8 @@
 //! bit. The cost: on any interrupt of this line the guest scans every queue
 //! for used buffers, and finds none on a config-change interrupt.
 
-use microvm_devices::virtio::mmio::MmioTransport;
-use microvm_devices::virtio::INTERRUPT_STATUS_USED_RING;
+use crate::virtio::mmio::MmioTransport;
+use crate::virtio::INTERRUPT_STATUS_USED_RING;
 use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK;
 use vm_device::bus::{MmioAddress, MmioAddressOffset};
 use vm_device::MutDeviceMmio;

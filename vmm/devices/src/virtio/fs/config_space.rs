@@ -2,15 +2,15 @@
 //! than asked of the back-end: the tag is ours to choose, and virtiofsd
 //! offers its own only when started with `--tag`.
 
-use crate::config::fs::FS_TAG_MAX_LEN;
+use super::FS_TAG_MAX_LEN;
 
 /// `tag[36]` then `num_request_queues` (le32); no notify_buf_size, as we
 /// offer no VIRTIO_FS_F_NOTIFICATION.
 pub const CONFIG_SPACE_SIZE: usize = FS_TAG_MAX_LEN + 4;
 
 /// Builds the config space. The tag is NUL-padded and not NUL-terminated
-/// when it fills all 36 bytes; a longer tag (refused by config validation)
-/// is cut.
+/// when it fills all 36 bytes; a longer tag (refused by the VMM's config
+/// validation) is cut.
 pub fn build(tag: &str, num_request_queues: u32) -> [u8; CONFIG_SPACE_SIZE] {
     let mut space = [0u8; CONFIG_SPACE_SIZE];
     let bytes = tag.as_bytes();
@@ -23,7 +23,7 @@ pub fn build(tag: &str, num_request_queues: u32) -> [u8; CONFIG_SPACE_SIZE] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use microvm_devices::virtio::util::read_config_bytes;
+    use crate::virtio::util::read_config_bytes;
 
     #[test]
     fn layout_is_tag_then_queue_count() {

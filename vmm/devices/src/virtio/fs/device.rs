@@ -6,10 +6,10 @@
 use super::config_space::{self, CONFIG_SPACE_SIZE};
 use super::connection::{Connection, ConnectionError, RingSetup, PROTOCOL_FEATURES_BIT};
 use super::metrics::FsMetrics;
-use crate::config::FsConfig;
-use microvm_devices::guest_warn;
-use microvm_devices::virtio::util::read_config_bytes;
-use microvm_devices::virtio::{ActivateContext, ActivateError, VirtioDevice};
+use crate::guest_warn;
+use crate::virtio::util::read_config_bytes;
+use crate::virtio::{ActivateContext, ActivateError, VirtioDevice};
+use microvm_errors::error_chain;
 use serde::Serialize;
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
@@ -24,6 +24,20 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 /// needs an IOMMU or a DAX window.
 const PASSTHROUGH_FEATURES: u64 =
     (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX) | (1 << VIRTIO_RING_F_INDIRECT_DESC);
+
+/// What the device needs: the VMM fills it from its own (serde) config, which
+/// is also where the values are validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VhostUserFsConfig {
+    /// The back-end's vhost-user socket; it must be listening.
+    pub socket: PathBuf,
+    /// What the guest mounts (at most [`super::FS_TAG_MAX_LEN`] bytes).
+    pub tag: String,
+    /// Request queues; the device has one more, the high-priority queue.
+    pub num_queues: u16,
+    /// Maximum size of each queue.
+    pub queue_size: u16,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
@@ -73,7 +87,7 @@ pub struct VhostUserFs {
 impl VhostUserFs {
     /// Connects to the back-end and negotiates what can be negotiated before
     /// the guest driver shows up.
-    pub fn connect(config: &FsConfig) -> Result<Self, FsError> {
+    pub fn connect(config: &VhostUserFsConfig) -> Result<Self, FsError> {
         let queue_count = usize::from(config.num_queues) + 1;
         let (connection, watch) =
             Connection::connect(&config.socket, queue_count).map_err(|source| {
@@ -210,7 +224,7 @@ impl VirtioDevice for VhostUserFs {
         }
         if let Err(e) = self.start_rings(&ctx) {
             self.metrics.activation_failures.inc();
-            let message = crate::vmm::error_chain(&e);
+            let message = error_chain(&e);
             // The session is in an unknown state after a half-done setup.
             self.fail(&format_args!("activation failed: {message}"));
             return Err(ActivateError::Backend(message));
@@ -247,7 +261,7 @@ impl VirtioDevice for VhostUserFs {
                 // must not hand the guest a fresh device.
                 self.fail(&format_args!(
                     "stopping the rings failed: {}",
-                    crate::vmm::error_chain(&e)
+                    error_chain(&e)
                 ));
                 false
             }

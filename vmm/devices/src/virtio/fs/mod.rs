@@ -1,12 +1,14 @@
 //! virtio-fs over a vhost-user back-end (virtiofsd).
 //!
-//! The VMM keeps the control path: the virtio-mmio transport, the config
+//! This device keeps the control path: the virtio-mmio transport, the config
 //! space (mount tag and request-queue count) and the feature offer. On
 //! DRIVER_OK it hands the rings to the back-end with the `vhost` crate's
 //! front-end: SET_FEATURES, SET_MEM_TABLE (the guest-RAM memfd), and per
 //! queue SET_VRING_NUM/ADDR/BASE/CALL/KICK/ENABLE. The kick fds are the
-//! transport's queue-notify eventfds (KVM ioeventfds) and the call fd is the
-//! device's irqfd, so the data path never passes through the VMM.
+//! transport's queue-notify eventfds (which the VMM registers as KVM
+//! ioeventfds) and the call fd is the device's irqfd, so the data path never
+//! passes through the VMM. Nothing here knows of KVM: the VMM fills a
+//! [`VhostUserFsConfig`] from its own config and wires the two eventfds.
 //!
 //! Interrupt status: see [`transport`]. Back-end failure: the event loop
 //! watches the socket; a hang-up marks the device failed (logged once,
@@ -27,11 +29,14 @@ pub mod transport;
 
 pub use config_space::CONFIG_SPACE_SIZE;
 pub use connection::{ConnectionError, REQUEST_TIMEOUT};
-pub use device::{FsError, FsState, VhostUserFs};
+pub use device::{FsError, FsState, VhostUserFs, VhostUserFsConfig};
 pub use metrics::FsMetrics;
 pub use transport::VhostUserMmio;
-/// Re-exported so that code outside the VMM (integration tests) can drive a
-/// transport without depending on `vm-device` itself.
+
+/// Longest mount tag the virtio-fs config space holds (bytes of UTF-8).
+pub const FS_TAG_MAX_LEN: usize = 36;
+/// Re-exported so that code outside this crate (integration tests) can drive
+/// a transport without depending on `vm-device` itself.
 pub use vm_device::bus::MmioAddress;
 pub use vm_device::MutDeviceMmio;
 

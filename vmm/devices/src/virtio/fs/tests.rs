@@ -3,18 +3,16 @@
 //! transport over memfd guest memory, as a guest driver would.
 
 use super::*;
-use crate::config::FsConfig;
-use crate::memory::{create_guest_memory, GuestRam};
+use crate::interrupt::EventFdTrigger;
+use crate::virtio::guest_ring::status::{ACK, DRIVER, DRIVER_OK, FEATURES_OK, NEEDS_RESET};
+use crate::virtio::guest_ring::{bring_up, DriverRegisters, GuestRing};
+use crate::virtio::mmio::{reg, MmioTransport};
+use crate::virtio::{VirtioDevice, VirtioInterrupt};
+use crate::GuestMemoryMmap;
 use event_manager::{EventManager, SubscriberOps};
-use microvm_devices::interrupt::EventFdTrigger;
-use microvm_devices::virtio::guest_ring::status::{
-    ACK, DRIVER, DRIVER_OK, FEATURES_OK, NEEDS_RESET,
-};
-use microvm_devices::virtio::guest_ring::{bring_up, DriverRegisters, GuestRing};
-use microvm_devices::virtio::mmio::{reg, MmioTransport};
-use microvm_devices::virtio::{VirtioDevice, VirtioInterrupt};
+use microvm_errors::error_chain;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -27,7 +25,10 @@ use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, Vrin
 use virtio_bindings::virtio_config::{VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestRegionMmap,
+    MmapRegion,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -166,6 +167,31 @@ impl VhostUserBackend for FakeBackend {
     }
 }
 
+/// The VMM's defaults: one request queue of 1024.
+fn fs_config(socket: PathBuf, tag: &str) -> VhostUserFsConfig {
+    VhostUserFsConfig {
+        socket,
+        tag: tag.into(),
+        num_queues: 1,
+        queue_size: 1024,
+    }
+}
+
+/// Guest RAM in a memfd, as the VMM makes it: a vhost-user back-end can
+/// map only file-backed memory.
+fn memfd_memory(size: usize) -> GuestMemoryMmap {
+    // SAFETY: the name is NUL-terminated, the flags are valid and the
+    // result is checked before use.
+    let fd = unsafe { libc::memfd_create(c"microvm-fs-test".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
+    // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(size as u64).unwrap();
+    let region = MmapRegion::from_file(FileOffset::new(file, 0), size).unwrap();
+    let region = GuestRegionMmap::new(region, GuestAddress(0)).unwrap();
+    GuestMemoryMmap::from_regions(vec![region]).unwrap()
+}
+
 /// A fake back-end serving one connection on a fresh socket.
 struct Served {
     socket: PathBuf,
@@ -201,8 +227,8 @@ impl Served {
         }
     }
 
-    fn config(&self) -> FsConfig {
-        FsConfig::new(self.socket.clone(), "microvm-shared".into())
+    fn config(&self) -> VhostUserFsConfig {
+        fs_config(self.socket.clone(), "microvm-shared")
     }
 
     fn kill(&mut self) {
@@ -223,7 +249,7 @@ impl Drop for Served {
 const QUEUE_SIZE: u16 = 16;
 
 struct Guest {
-    ram: GuestRam,
+    memory: GuestMemoryMmap,
     mmio: VhostUserMmio,
     device: Arc<Mutex<VhostUserFs>>,
     rings: Vec<GuestRing>,
@@ -244,13 +270,13 @@ impl DriverRegisters for Guest {
 
 impl Guest {
     fn new(device: VhostUserFs) -> Self {
-        let ram = create_guest_memory(32 << 20).unwrap();
+        let memory = memfd_memory(32 << 20);
         let irq = device.interrupt_eventfd().try_clone().unwrap();
         let device = Arc::new(Mutex::new(device));
         let interrupt = Arc::new(VirtioInterrupt::new(Arc::new(EventFdTrigger::new(irq))));
-        let transport = MmioTransport::new(ram.memory.clone(), device.clone(), interrupt).unwrap();
+        let transport = MmioTransport::new(memory.clone(), device.clone(), interrupt).unwrap();
         Self {
-            ram,
+            memory,
             mmio: VhostUserMmio::new(transport),
             device,
             rings: Vec::new(),
@@ -338,7 +364,7 @@ fn activation_hands_the_rings_to_the_backend_end_to_end() {
     );
     // A request on the request queue, through the notify register (which
     // writes the kick eventfd the back-end now owns).
-    let mem = guest.ram.memory.clone();
+    let mem = guest.memory.clone();
     mem.write_slice(b"hello, backend", GuestAddress(0x20_0000))
         .unwrap();
     guest.rings[1].add(&mem, &[(0x20_0000, 14, false), (0x21_0000, 64, true)]);
@@ -367,7 +393,7 @@ fn reset_stops_the_rings_and_the_device_activates_again() {
     assert_eq!(served.backend.resets.load(Ordering::SeqCst), 1);
     assert_eq!(guest.device.lock().unwrap().state(), FsState::Ready);
     assert_eq!(guest.bring_up(VERSION_1) & NEEDS_RESET, 0);
-    let mem = guest.ram.memory.clone();
+    let mem = guest.memory.clone();
     guest.rings[1].add(&mem, &[(0x20_0000, 4, false), (0x21_0000, 4, true)]);
     guest.write(reg::QUEUE_NOTIFY, 1);
     assert!(guest.wait_for_interrupt());
@@ -423,7 +449,7 @@ fn backend_without_protocol_features_still_works() {
     let mut guest = Guest::new(VhostUserFs::connect(&served.config()).unwrap());
     assert_eq!(guest.offered_features(), VERSION_1);
     assert_eq!(guest.bring_up(VERSION_1) & NEEDS_RESET, 0);
-    let mem = guest.ram.memory.clone();
+    let mem = guest.memory.clone();
     guest.rings[1].add(&mem, &[(0x20_0000, 2, false), (0x21_0000, 2, true)]);
     guest.write(reg::QUEUE_NOTIFY, 1);
     assert!(guest.wait_for_interrupt());
@@ -440,7 +466,7 @@ fn unusable_backends_are_refused_with_clear_errors() {
         FakeBackend::new(EVENT_IDX, VhostUserProtocolFeatures::empty(), 2),
     );
     let err = VhostUserFs::connect(&no_version_1.config()).err().unwrap();
-    let text = crate::vmm::error_chain(&err);
+    let text = error_chain(&err);
     assert!(
         text.contains("microvm-shared") && text.contains("VERSION_1"),
         "{text}"
@@ -454,14 +480,14 @@ fn unusable_backends_are_refused_with_clear_errors() {
             1,
         ),
     );
-    let text = crate::vmm::error_chain(&VhostUserFs::connect(&one_queue.config()).err().unwrap());
+    let text = error_chain(&VhostUserFs::connect(&one_queue.config()).err().unwrap());
     assert!(
         text.contains("serves 1 queues, the device needs 2"),
         "{text}"
     );
 
-    let missing = FsConfig::new("/nonexistent/virtiofsd.sock".into(), "t".into());
-    let text = crate::vmm::error_chain(&VhostUserFs::connect(&missing).err().unwrap());
+    let missing = fs_config("/nonexistent/virtiofsd.sock".into(), "t");
+    let text = error_chain(&VhostUserFs::connect(&missing).err().unwrap());
     assert!(
         text.contains("/nonexistent/virtiofsd.sock") && text.contains("is virtiofsd running"),
         "{text}"
@@ -471,8 +497,8 @@ fn unusable_backends_are_refused_with_clear_errors() {
     let path = std::env::temp_dir().join(format!("microvm-vufs-{}-stale.sock", std::process::id()));
     let _ = std::fs::remove_file(&path);
     drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
-    let text = crate::vmm::error_chain(
-        &VhostUserFs::connect(&FsConfig::new(path.clone(), "t".into()))
+    let text = error_chain(
+        &VhostUserFs::connect(&fs_config(path.clone(), "t"))
             .err()
             .unwrap(),
     );
