@@ -24,7 +24,8 @@ virtiofsd with tmpfs writes on top (nothing it writes reaches the host), has cgr
 /tmp, /run and loopback, and no stdin. Everything it runs is emulated: expect it to be 10-50x \
 slower than the host.\n\n\
 Exit status: the command's (128 + N if signal N ended it); 124 if it did not finish within \
---timeout; 125 if the harness itself failed (a missing tool or kernel module, no /dev/kvm in \
+--timeout; 75 if L1's own kernel wedged (a soft lockup of 2 min or more, a nested-KVM fault \
+under TCG: the command may pass in a fresh L1); 125 if the harness itself failed (a missing tool or kernel module, no /dev/kvm in \
 L1, L1 died); 128 + N if the harness got signal N. A run leaves no process, socket or temp dir \
 behind."
 )]

@@ -25,6 +25,13 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 const POWER_OFF_TIMEOUT: Duration = Duration::from_secs(20);
 /// How many console lines an error quotes.
 const CONSOLE_TAIL: usize = 25;
+/// A soft lockup in L1's own kernel that lasts this long is taken as a
+/// wedged L1: it was seen once (kvm-amd's vCPU and PIT threads stuck for
+/// 20+ min under TCG's emulated SVM) and never recovered. Shorter ones can
+/// be TCG's slowness alone.
+const WEDGED_AFTER_SECONDS: u64 = 120;
+/// How often the console is checked for such a lockup.
+const WEDGE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 const TEMP_PREFIX: &str = "microvm-kvm-harness.";
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +62,8 @@ pub enum NestedError {
         "the command did not finish within {0:?}; L1 was killed\nL1 console (last lines):\n{1}"
     )]
     TimedOut(Duration, String),
+    #[error("L1's kernel is wedged (a soft lockup of {0} s; a nested-KVM fault under TCG, not the command's); L1 was killed\nL1 console (last lines):\n{1}")]
+    Wedged(u64, String),
     #[error("interrupted by signal {0}; L1 was killed")]
     Interrupted(i32),
 }
@@ -65,10 +74,28 @@ impl NestedError {
     pub fn exit_status(&self) -> i32 {
         match self {
             NestedError::TimedOut(..) => 124,
+            NestedError::Wedged(..) => WEDGED_EXIT_STATUS,
             NestedError::Interrupted(signal) => 128 + signal,
             _ => 125,
         }
     }
+}
+
+/// The exit status of a run whose L1 wedged: EX_TEMPFAIL, as the run may
+/// well pass in a fresh L1.
+pub const WEDGED_EXIT_STATUS: i32 = 75;
+
+/// The longest soft lockup L1's kernel reports on `console`, in seconds.
+fn longest_soft_lockup(console: &str) -> Option<u64> {
+    console
+        .lines()
+        .filter_map(|line| {
+            line.split_once("soft lockup - CPU#")?
+                .1
+                .split_once("stuck for ")
+        })
+        .filter_map(|(_, rest)| rest.split_once("s!")?.0.parse::<u64>().ok())
+        .max()
 }
 
 #[derive(Debug, Clone)]
@@ -397,8 +424,21 @@ pub fn run(
 
     let mut temp = Some(temp);
     let mut l1_ready = None;
+    let mut next_wedge_check = Instant::now() + WEDGE_CHECK_INTERVAL;
     let status = loop {
         check_signal()?;
+        if Instant::now() >= next_wedge_check {
+            next_wedge_check = Instant::now() + WEDGE_CHECK_INTERVAL;
+            let console_text = read_all(&mut console);
+            if let Some(seconds) = longest_soft_lockup(&console_text)
+                .filter(|seconds| *seconds >= WEDGED_AFTER_SECONDS)
+            {
+                return Err(NestedError::Wedged(
+                    seconds,
+                    tail(&console_text, CONSOLE_TAIL),
+                ));
+            }
+        }
         if Instant::now() >= deadline {
             let console_text = read_all(&mut console);
             return Err(NestedError::TimedOut(
@@ -604,7 +644,21 @@ mod tests {
             124
         );
         assert_eq!(NestedError::Interrupted(15).exit_status(), 143);
+        assert_eq!(NestedError::Wedged(130, String::new()).exit_status(), 75);
         assert_eq!(NestedError::MissingTool("qemu".into()).exit_status(), 125);
+    }
+
+    #[test]
+    fn a_long_soft_lockup_on_the_console_is_found() {
+        let console = "[ 331.4] watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [vcpu0:680]\n\
+                       [ 1456.4] watchdog: BUG: soft lockup - CPU#1 stuck for 1147s! [vcpu0:680]\n\
+                       [ 1484.3] watchdog: BUG: soft lockup - CPU#0 stuck for 1174s! [kvm-pit/1:678]\n";
+        assert_eq!(longest_soft_lockup(console), Some(1174));
+        assert_eq!(longest_soft_lockup("[ 1.0] all fine\n"), None);
+        assert_eq!(
+            longest_soft_lockup("soft lockup - CPU#0 stuck for xs!\n"),
+            None
+        );
     }
 
     #[test]
