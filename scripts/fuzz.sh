@@ -30,6 +30,12 @@ flags=(-O --debug-assertions --sanitizer "${FUZZ_SANITIZER:-address}")
 
 cargo fuzz build "${flags[@]}"
 
+# The vsock target's sockets live in a dir per fuzz process, which libFuzzer's
+# exit() never removes: give the runs a temp dir of their own, removed here.
+fuzz_tmp="$(mktemp -d -t microvm-fuzz-run.XXXXXX)"
+trap 'rm -rf "$fuzz_tmp"' EXIT
+export TMPDIR="$fuzz_tmp"
+
 if [ "$#" -gt 0 ]; then
     targets=("$@")
 else

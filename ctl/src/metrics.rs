@@ -92,6 +92,7 @@ pub async fn scrape(state_dir: &Path) -> String {
         Family { name: "microvm_guest_cpu_seconds_total", help: "Guest CPU time of all vCPUs (/proc/stat), by mode.", kind: "counter", samples: vec![] },
         Family { name: "microvm_guest_oom_kills_total", help: "Processes the guest kernel's OOM killer killed (/proc/vmstat oom_kill).", kind: "counter", samples: vec![] },
         Family { name: "microvm_guest_up", help: "Whether the pod's agent answered this scrape.", kind: "gauge", samples: vec![] },
+        Family { name: "microvm_pod_teardown_failures_total", help: "Container dirs the pod's shim could not remove (mounts or files left; Delete failed and can be retried).", kind: "counter", samples: vec![] },
     ];
     let mut push =
         |index: usize, labels: String, value: f64| families[index].samples.push((labels, value));
@@ -150,6 +151,7 @@ pub async fn scrape(state_dir: &Path) -> String {
                 push(7, labels(&pod, &[("method", method)]), stats.seconds_sum);
                 push(8, labels(&pod, &[("method", method)]), stats.seconds_max);
             }
+            push(13, labels(&pod, &[]), shim.teardown_failures as f64);
         }
         match guest_metrics(&record.agent_socket).await {
             Some(guest) => {

@@ -119,14 +119,15 @@ pub fn vm_process(record: &PodRecord) -> Option<&microvm_shim::record::HostProce
         .find(|process| process.name == "vmm" || process.name == "qemu")
 }
 
-/// Running, booting, or stale (its shim is gone).
+/// Running, booting, teardown-failed (its state dir is left; the record
+/// says why), or stale (its shim is gone).
 pub fn state(record: &PodRecord) -> &'static str {
-    if !record.shim_alive() {
-        return "stale";
-    }
+    use microvm_shim::record::PodState;
     match record.state {
-        microvm_shim::record::PodState::Booting => "booting",
-        microvm_shim::record::PodState::Running => "running",
+        PodState::TeardownFailed => "teardown-failed",
+        _ if !record.shim_alive() => "stale",
+        PodState::Booting => "booting",
+        PodState::Running => "running",
     }
 }
 

@@ -33,6 +33,9 @@ pub struct PodRow {
     pub pss_bytes_total: u64,
     pub processes: Vec<ProcessRow>,
     pub state: String,
+    /// Why the pod's state dir could not be removed (`teardown-failed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub teardown_error: Option<String>,
 }
 
 pub fn row(pod: &FoundPod) -> PodRow {
@@ -62,6 +65,7 @@ pub fn row(pod: &FoundPod) -> PodRow {
         pss_bytes_total: processes.iter().filter_map(|p| p.pss_bytes).sum(),
         processes,
         state: pods::state(record).to_owned(),
+        teardown_error: record.teardown_error.clone(),
     }
 }
 
@@ -150,6 +154,12 @@ pub fn run(config: &Path, args: &Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         println!("{}", table(&rows));
+        // The reason is too long for a column.
+        for row in &rows {
+            if let Some(error) = &row.teardown_error {
+                println!("{}: teardown failed: {error}", row.pod_id);
+            }
+        }
     }
     Ok(())
 }

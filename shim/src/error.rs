@@ -11,6 +11,7 @@
 //! | a deadline passed | DEADLINE_EXCEEDED |
 //! | the agent's own gRPC status | its code |
 //! | Pause, Resume, Checkpoint | UNIMPLEMENTED |
+//! | a host teardown left mounts or files behind (retry Delete) | INTERNAL |
 //! | anything else on the host | INTERNAL |
 //!
 //! The ttrpc message is the whole error chain, once ([`error_chain`]).
@@ -59,6 +60,14 @@ pub enum ShimError {
     Boot(#[from] BootError),
     #[error(transparent)]
     Rootfs(#[from] RootfsError),
+    /// The container's host dir could not be removed: the container stays
+    /// known, so a retried Delete redoes the clean-up.
+    #[error("removing container {id}'s host dir; Delete again to retry")]
+    Teardown {
+        id: String,
+        #[source]
+        source: RootfsError,
+    },
     // The cause is in the message, not a source: the chain prints it once.
     #[error("serializing the spec: {0}")]
     SerializeSpec(serde_json::Error),
@@ -108,7 +117,9 @@ impl ShimError {
             | Self::NoExecSpec => Code::INVALID_ARGUMENT,
             Self::Boot(err) => boot_code(err),
             Self::Rootfs(err) => rootfs_code(err),
-            Self::SerializeSpec(_) | Self::EncodeMetrics(_) => Code::INTERNAL,
+            Self::SerializeSpec(_) | Self::EncodeMetrics(_) | Self::Teardown { .. } => {
+                Code::INTERNAL
+            }
             Self::Agent { status, .. } => grpc_code(status),
             Self::AgentTimeout { .. } => Code::DEADLINE_EXCEEDED,
             Self::VmDead { .. } => Code::UNAVAILABLE,
@@ -204,6 +215,13 @@ mod tests {
                 Code::UNAVAILABLE,
             ),
             (ShimError::Unimplemented("Pause"), Code::UNIMPLEMENTED),
+            (
+                ShimError::Teardown {
+                    id: "c".into(),
+                    source: RootfsError::NoRoot,
+                },
+                Code::INTERNAL,
+            ),
         ];
         for (err, code) in cases {
             assert_eq!(err.code(), code, "{err}");

@@ -9,6 +9,7 @@ use crate::pod::BootTimes;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -35,6 +36,10 @@ pub struct ShimMetrics {
     pub boot_launch_seconds: f64,
     pub boot_guest_seconds: f64,
     pub boot_agent_seconds: f64,
+    /// Host teardowns (a container's or the pod's dir) that left mounts or
+    /// files behind: each was refused, never half-done.
+    #[serde(default)]
+    pub teardown_failures: u64,
 }
 
 /// One shim serves one pod: the figures of its agent client are the
@@ -57,6 +62,16 @@ pub fn agent_rpcs() -> BTreeMap<String, RpcStats> {
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .clone()
+}
+
+static TEARDOWN_FAILURES: AtomicU64 = AtomicU64::new(0);
+
+pub fn record_teardown_failure() {
+    TEARDOWN_FAILURES.fetch_add(1, Ordering::Relaxed);
+}
+
+pub fn teardown_failures() -> u64 {
+    TEARDOWN_FAILURES.load(Ordering::Relaxed)
 }
 
 /// A tower layer over the agent's channel that times every call.
@@ -126,6 +141,7 @@ pub fn serve(socket: &Path, times: BootTimes) {
                 boot_launch_seconds: times.launch.as_secs_f64(),
                 boot_guest_seconds: times.boot.as_secs_f64(),
                 boot_agent_seconds: times.agent.as_secs_f64(),
+                teardown_failures: teardown_failures(),
             };
             let text = serde_json::to_vec(&metrics).unwrap_or_default();
             tokio::spawn(async move {

@@ -177,7 +177,7 @@ impl Pod {
         let started = Instant::now();
         crate::pod_files::record_shim(&layout);
         if let Err(err) = rootfs::prepare_shared_dir(&layout) {
-            rootfs::remove_mounted_tree(&layout.dir);
+            remove_failed_boot(&layout);
             return Err(BootError::Shared(err));
         }
         let cgroup = match PodCgroups::create(
@@ -190,7 +190,7 @@ impl Pod {
                 Some(cgroup)
             }
             Err(err) => {
-                rootfs::remove_mounted_tree(&layout.dir);
+                remove_failed_boot(&layout);
                 return Err(BootError::Cgroup(err));
             }
         };
@@ -209,7 +209,7 @@ impl Pod {
                 match attached.await {
                     Ok(network) => Some(network),
                     Err(err) => {
-                        rootfs::remove_mounted_tree(&layout.dir);
+                        remove_failed_boot(&layout);
                         remove_cgroup(cgroup.as_ref()).await;
                         return Err(err);
                     }
@@ -271,7 +271,7 @@ impl Pod {
                 Ok(pod)
             }
             Err(err) => {
-                rootfs::remove_mounted_tree(&layout.dir);
+                remove_failed_boot(&layout);
                 detach_network(network.as_ref()).await;
                 remove_cgroup(cgroup.as_ref()).await;
                 Err(err)
@@ -434,9 +434,27 @@ impl Pod {
         self.stop_processes().await;
         detach_network(self.network.as_ref()).await;
         remove_cgroup(self.cgroup.as_ref()).await;
-        rootfs::remove_mounted_tree(&self.layout.dir);
+        if let Err(err) = rootfs::remove_mounted_tree(&self.layout.dir) {
+            // Kept, with the console log, for whoever looks into it.
+            crate::record::teardown_failed(&self.layout.dir, &error_chain(&err));
+            tracing::error!(
+                "pod {}: VM stopped, but its state {} is left (see `microvm-ctl ps`)",
+                self.id,
+                self.layout.dir.display()
+            );
+            return;
+        }
         crate::pod_files::remove_logs(&self.layout.log_file);
         tracing::info!("pod {}: VM stopped and state removed", self.id);
+    }
+}
+
+/// A failed boot's state: the boot error is the one to report; a removal
+/// that fails too is logged and counted in `remove_mounted_tree`, and
+/// marked in the pod's record if it has one.
+fn remove_failed_boot(layout: &PodLayout) {
+    if let Err(err) = rootfs::remove_mounted_tree(&layout.dir) {
+        crate::record::teardown_failed(&layout.dir, &error_chain(&err));
     }
 }
 

@@ -9,7 +9,7 @@
 //! and sockets ([`PodLayout`]).
 
 use crate::config::Config;
-use crate::rootfs;
+use crate::rootfs::{self, RootfsError};
 use crate::vm::layout::PodLayout;
 use crate::vm::supervisor::{kill_recorded, process_start_time, still_running};
 use std::path::{Path, PathBuf};
@@ -153,8 +153,10 @@ pub fn stop_own_pod(bundle: &Path, namespace: &str, container_id: &str) -> Vec<P
         };
         let killed = kill_recorded(&layout.pid_dir());
         tracing::info!("killed {killed:?}, removing {}", dir.display());
-        rootfs::remove_mounted_tree(&dir);
-        removed.push(dir);
+        match rootfs::remove_mounted_tree(&dir) {
+            Ok(()) => removed.push(dir),
+            Err(err) => crate::record::teardown_failed(&dir, &crate::pod::error_chain(&err)),
+        }
     }
     removed
 }
@@ -162,10 +164,12 @@ pub fn stop_own_pod(bundle: &Path, namespace: &str, container_id: &str) -> Vec<P
 /// What `delete` does. With the pod's shim gone: kills the VM's host
 /// processes, unmounts and removes the pod's state. With it alive (another
 /// container of the pod still runs): removes this container's files only.
-pub fn cleanup_after_dead_shim(bundle: &Path, container_id: &str) {
+/// An error means mounts or files were left (logged and counted already):
+/// `delete` then exits non-zero so containerd logs it too.
+pub fn cleanup_after_dead_shim(bundle: &Path, container_id: &str) -> Result<(), RootfsError> {
     let Ok(pod_dir) = std::fs::read(bundle.join(POD_DIR_FILE)) else {
         tracing::info!("delete {container_id}: no pod recorded in the bundle; nothing to clean");
-        return;
+        return Ok(());
     };
     let pod_dir = PathBuf::from(String::from_utf8_lossy(&pod_dir).into_owned());
     let layout = PodLayout {
@@ -176,7 +180,7 @@ pub fn cleanup_after_dead_shim(bundle: &Path, container_id: &str) {
         tracing::info!(
             "delete {container_id}: the pod's shim lives; removing the container's files"
         );
-        rootfs::remove_mounted_tree(&layout.container_dir(container_id));
+        rootfs::remove_mounted_tree(&layout.container_dir(container_id))?;
     } else {
         let killed = kill_recorded(&layout.pid_dir());
         tracing::info!(
@@ -187,9 +191,13 @@ pub fn cleanup_after_dead_shim(bundle: &Path, container_id: &str) {
         if let Ok(log) = std::fs::read(pod_dir.join(LOG_PATH_FILE)) {
             remove_logs(Path::new(&String::from_utf8_lossy(&log).into_owned()));
         }
-        rootfs::remove_mounted_tree(&pod_dir);
+        if let Err(err) = rootfs::remove_mounted_tree(&pod_dir) {
+            crate::record::teardown_failed(&pod_dir, &crate::pod::error_chain(&err));
+            return Err(err);
+        }
     }
     let _ = std::fs::remove_file(bundle.join(POD_DIR_FILE));
+    Ok(())
 }
 
 /// The pod's console log and its rotated file go with the pod.
@@ -255,13 +263,13 @@ mod tests {
         std::fs::write(layout.dir.join(LOG_PATH_FILE), log.to_str().unwrap()).unwrap();
 
         let reaper = std::thread::spawn(move || vmm.wait().unwrap());
-        cleanup_after_dead_shim(&bundle, "c1");
+        cleanup_after_dead_shim(&bundle, "c1").unwrap();
         assert!(!reaper.join().unwrap().success(), "the VMM was killed");
         assert!(!layout.dir.exists());
         assert!(!log.exists() && !crate::vm::console::rotated_path(&log).exists());
         assert!(!bundle.join(POD_DIR_FILE).exists());
         // A second delete finds nothing and does not fail.
-        cleanup_after_dead_shim(&bundle, "c1");
+        cleanup_after_dead_shim(&bundle, "c1").unwrap();
     }
 
     #[test]
@@ -304,7 +312,7 @@ mod tests {
         )
         .unwrap();
         std::fs::write(bundle.join(POD_DIR_FILE), layout.dir.to_str().unwrap()).unwrap();
-        cleanup_after_dead_shim(&bundle, "c1");
+        cleanup_after_dead_shim(&bundle, "c1").unwrap();
         assert!(!layout.container_dir("c1").exists());
         assert!(layout.container_dir("c2").exists());
         shim.kill().unwrap();

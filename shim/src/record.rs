@@ -58,6 +58,11 @@ pub enum RecordError {
 pub enum PodState {
     Booting,
     Running,
+    /// The VM stopped but its state dir could not be removed (mounts left
+    /// under it): kept, with the reason in `teardown_error`, for the
+    /// operator (`microvm-ctl ps`).
+    #[serde(rename = "teardown-failed")]
+    TeardownFailed,
 }
 
 /// One host process of the pod's VM (VMM, virtiofsd, vhost-device-vsock).
@@ -99,6 +104,8 @@ pub struct PodRecord {
     pub metrics_socket: PathBuf,
     pub console_enabled: bool,
     pub console_shell: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teardown_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -169,6 +176,7 @@ impl PodRecord {
             metrics_socket: layout.dir.join(METRICS_SOCKET),
             console_enabled: config.console.enabled,
             console_shell: config.console.shell.clone(),
+            teardown_error: None,
         }
     }
 
@@ -261,6 +269,20 @@ pub fn boot_failed(record: &Path) {
     if let Some(dir) = record.parent() {
         // Fails (and is meant to) if anything else is still there.
         let _ = std::fs::remove_dir(dir);
+    }
+}
+
+/// Hook (the pod's teardown failed): marks the record so `microvm-ctl ps`
+/// shows the pod as `teardown-failed`, with why. A pod without a record
+/// (it never booted this far) has only the shim's log to say it.
+pub fn teardown_failed(pod_dir: &Path, error: &str) {
+    let Ok(mut record) = PodRecord::read(pod_dir) else {
+        return;
+    };
+    record.state = PodState::TeardownFailed;
+    record.teardown_error = Some(error.to_owned());
+    if let Err(err) = record.write(pod_dir) {
+        tracing::warn!("{}", crate::pod::error_chain(&err));
     }
 }
 
@@ -359,5 +381,26 @@ mod tests {
         other.write(&layout.dir).unwrap();
         let err = PodRecord::read(&layout.dir).unwrap_err();
         assert!(err.to_string().contains("format 99"), "{err}");
+    }
+
+    #[test]
+    fn a_failed_teardown_is_recorded_with_its_reason() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = Config::default();
+        let layout = PodLayout::new(tmp.path(), tmp.path(), "k8s.io", "pod1");
+        let record = PodRecord::booting(&config, &layout, "k8s.io", "pod1", None);
+        record.write(&layout.dir).unwrap();
+        let text = std::fs::read_to_string(PodRecord::path_in(&layout.dir)).unwrap();
+        assert!(!text.contains("teardown_error"), "{text}");
+
+        teardown_failed(&layout.dir, "not removing x: 1 mount(s) left under it");
+        let read = PodRecord::read(&layout.dir).unwrap();
+        assert_eq!(read.state, PodState::TeardownFailed);
+        assert_eq!(
+            read.teardown_error.as_deref(),
+            Some("not removing x: 1 mount(s) left under it")
+        );
+        let text = std::fs::read_to_string(PodRecord::path_in(&layout.dir)).unwrap();
+        assert!(text.contains("\"teardown-failed\""), "{text}");
     }
 }

@@ -103,15 +103,18 @@ pub fn prepare_shared_dir(layout: &PodLayout) -> Result<(), RootfsError> {
 }
 
 /// Unmounts everything at and below `path` (deepest first, lazily) and
-/// removes it, logging what it could not do. Idempotent.
-pub fn remove_mounted_tree(path: &Path) {
-    if let Err(err) = try_remove_mounted_tree(path, microvm_host::mountinfo::mounts_under) {
+/// removes it. Idempotent. A failure is logged and counted (the
+/// `teardown_failures` metric) here, the one place every teardown passes,
+/// and returned for the caller to report.
+pub fn remove_mounted_tree(path: &Path) -> Result<(), RootfsError> {
+    try_remove_mounted_tree(path, microvm_host::mountinfo::mounts_under).inspect_err(|err| {
+        crate::metrics::record_teardown_failure();
         tracing::error!(
             "teardown of {}: {}",
             path.display(),
-            crate::pod::error_chain(&err)
+            crate::pod::error_chain(err)
         );
-    }
+    })
 }
 
 /// [`remove_mounted_tree`] with the mount list injected. Fails closed: if
@@ -406,7 +409,7 @@ mod tests {
             Some(Path::new("/run/microvm/shared/c1/mounts/1"))
         );
 
-        remove_mounted_tree(&layout.dir);
+        remove_mounted_tree(&layout.dir).unwrap();
         assert!(!layout.dir.exists());
         assert!(!is_mountpoint(&shared));
         // The sources are untouched.
@@ -496,7 +499,7 @@ mod tests {
         let renamed = c1.join(std::ffi::OsStr::from_bytes(b"m\xff"));
         std::fs::rename(c1.join("mounts"), &renamed).unwrap();
         assert!(renamed.join("0/precious").exists());
-        remove_mounted_tree(&pod.layout.dir);
+        remove_mounted_tree(&pod.layout.dir).unwrap();
         assert_eq!(
             std::fs::read_to_string(pod.volume.join("precious")).unwrap(),
             "v1"
@@ -505,6 +508,38 @@ mod tests {
         assert!(microvm_host::mountinfo::mounts_under(pod.tmp.path())
             .unwrap()
             .is_empty());
+    }
+
+    #[test]
+    fn a_failed_teardown_is_counted_returned_and_removes_nothing_more() {
+        if !root() {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("pod");
+        let pinned = dir.join("c1/pinned");
+        std::fs::create_dir_all(pinned.parent().unwrap()).unwrap();
+        std::fs::write(&pinned, "").unwrap();
+        let chattr = |flag: &str| {
+            std::process::Command::new("chattr")
+                .arg(flag)
+                .arg(&pinned)
+                .status()
+                .is_ok_and(|status| status.success())
+        };
+        // An immutable file cannot be unlinked, even by root.
+        if !chattr("+i") {
+            eprintln!("skipped: chattr +i failed (no chattr, or the temp dir's filesystem has no immutable flag)");
+            return;
+        }
+        let before = crate::metrics::teardown_failures();
+        let err = remove_mounted_tree(&dir).unwrap_err();
+        assert!(matches!(err, RootfsError::Beneath(_)), "{err}");
+        assert!(crate::metrics::teardown_failures() > before);
+        assert!(pinned.exists());
+        assert!(chattr("-i"));
+        remove_mounted_tree(&dir).unwrap();
+        assert!(!dir.exists());
     }
 
     #[tokio::test]
@@ -530,7 +565,7 @@ mod tests {
             "{err}"
         );
         assert!(pod.volume.join("precious").exists());
-        remove_mounted_tree(&pod.layout.dir);
+        remove_mounted_tree(&pod.layout.dir).unwrap();
         assert!(!pod.layout.dir.exists());
         assert!(pod.volume.join("precious").exists());
     }
@@ -578,8 +613,8 @@ mod tests {
             .unwrap()
             .is_empty());
         // Teardown removes the links, not what they point to.
-        remove_mounted_tree(&pod.layout.container_dir("c3"));
-        remove_mounted_tree(&pod.layout.dir);
+        remove_mounted_tree(&pod.layout.container_dir("c3")).unwrap();
+        remove_mounted_tree(&pod.layout.dir).unwrap();
         assert!(!pod.layout.dir.exists());
         assert!(outside.join("0").exists());
     }
@@ -613,7 +648,7 @@ mod tests {
                 "{options}"
             );
         }
-        remove_mounted_tree(&pod.layout.dir);
+        remove_mounted_tree(&pod.layout.dir).unwrap();
         assert!(pod.volume.join("new").exists());
     }
 
@@ -649,7 +684,7 @@ mod tests {
             options.contains("nosuid") && options.contains("nodev"),
             "{options}"
         );
-        remove_mounted_tree(&pod.layout.dir);
+        remove_mounted_tree(&pod.layout.dir).unwrap();
         assert!(layers.join("lower/hello").exists());
     }
 }

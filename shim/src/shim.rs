@@ -176,7 +176,9 @@ impl Shim for MicrovmShim {
     }
 
     async fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
-        cleanup_after_dead_shim(&self.bundle, &self.id);
+        // containerd logs a failed `delete`; the pod's record says why too.
+        cleanup_after_dead_shim(&self.bundle, &self.id)
+            .map_err(|err| containerd_shim::Error::Other(crate::pod::error_chain(&err)))?;
         let mut response = DeleteResponse::new();
         response.exit_status = KILLED_EXIT_STATUS;
         response.exited_at = Some(events::timestamp(SystemTime::now())).into();

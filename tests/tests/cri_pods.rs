@@ -1269,15 +1269,8 @@ const MICROVM_CASES: &[(&str, Case)] = &[
     ),
 ];
 
-/// The cases QEMU with KVM runs in L1 besides `qemu_tcg::*` on the host:
-/// the shim code is the same for both accelerators, so L1 (where a case
-/// costs minutes under emulation) runs what KVM changes: the boot with
-/// `accel = "kvm"`, and the pod network and vsock through it. The whole
-/// matrix did not fit CI's time (README, "Test times").
-const QEMU_KVM_CASES: &[&str] = &["pod_runs_the_crictl_flow", "pod_networking"];
-
 fn main() {
-    let mut suite = Suite::new("cri_pods", Duration::from_secs(2400))
+    let mut suite = Suite::new("cri_pods", Duration::from_secs(3000))
         .forward_env(TEST_AGENT_ENV, test_agent_binary);
     suite.host(Trial::test(
         "runc::pod_runs_through_the_same_cri_setup",
@@ -1296,12 +1289,10 @@ fn main() {
             case(TestBackend::Builtin);
             Ok(())
         });
-        if QEMU_KVM_CASES.contains(name) {
-            suite.kvm(format!("qemu_kvm::{name}"), move || {
-                case(TestBackend::QemuKvm);
-                Ok(())
-            });
-        }
+        suite.kvm(format!("qemu_kvm::{name}"), move || {
+            case(TestBackend::QemuKvm);
+            Ok(())
+        });
     }
     suite.run()
 }

@@ -36,6 +36,8 @@ struct State {
     exits: HashMap<(String, String), watch::Sender<Option<i32>>>,
     events: Option<mpsc::UnboundedReceiver<Result<api::Event, Status>>>,
     fail_prepare: bool,
+    /// The next host removal fails (a mount left behind).
+    fail_remove: bool,
     removed_dirs: Vec<String>,
     shutdowns: Vec<bool>,
 }
@@ -83,6 +85,11 @@ impl FakePod {
 
     pub fn fail_prepare(&self) {
         self.lock().fail_prepare = true;
+    }
+
+    /// The next `remove_container` fails, once.
+    pub fn fail_remove(&self) {
+        self.lock().fail_remove = true;
     }
 
     /// The agent calls so far, as "method container/exec".
@@ -304,8 +311,17 @@ impl PodHost for FakePod {
         Ok(())
     }
 
-    fn remove_container(&self, container_id: &str) {
-        self.lock().removed_dirs.push(container_id.to_owned());
+    fn remove_container(&self, container_id: &str) -> Result<(), RootfsError> {
+        let mut state = self.lock();
+        if state.fail_remove {
+            state.fail_remove = false;
+            return Err(RootfsError::MountsLeft {
+                path: container_id.into(),
+                count: 1,
+            });
+        }
+        state.removed_dirs.push(container_id.to_owned());
+        Ok(())
     }
 
     async fn vm_exit(&self) -> ProcessExit {

@@ -28,8 +28,9 @@ pub trait PodHost: Send + Sync + std::fmt::Debug {
         rootfs: &[ContainerdMount],
         spec: &mut Spec,
     ) -> Result<(), RootfsError>;
-    /// Unmounts and removes the container's dir under the shared dir.
-    fn remove_container(&self, container_id: &str);
+    /// Unmounts and removes the container's dir under the shared dir. An
+    /// error leaves it in place (never half-removed through a mount).
+    fn remove_container(&self, container_id: &str) -> Result<(), RootfsError>;
     /// Resolves when the VM (or one of its host processes) exits: the
     /// first to exit. Any number of callers may wait.
     async fn vm_exit(&self) -> ProcessExit;
@@ -62,8 +63,8 @@ impl PodHost for Pod {
         rootfs::prepare_container(&self.layout, container_id, bundle, rootfs, spec).await
     }
 
-    fn remove_container(&self, container_id: &str) {
-        rootfs::remove_mounted_tree(&self.layout.container_dir(container_id));
+    fn remove_container(&self, container_id: &str) -> Result<(), RootfsError> {
+        rootfs::remove_mounted_tree(&self.layout.container_dir(container_id))
     }
 
     async fn vm_exit(&self) -> ProcessExit {

@@ -37,6 +37,7 @@ use crate::error::ShimError;
 use crate::events::{EventQueue, TaskEvent};
 use crate::pod::{error_chain, BootError, PodSettings};
 use crate::process::{Process, StdioPaths};
+use crate::rootfs::RootfsError;
 use crate::state::{ExitStatus, Op, Status};
 use crate::stdio::{self, process_ref};
 use async_trait::async_trait;
@@ -266,7 +267,9 @@ impl Sandbox {
             .prepare_container(&task.id, Path::new(&task.bundle), &task.rootfs, &mut spec)
             .await
         {
-            pod.host.remove_container(&task.id);
+            // The create's own error is the one to report; a failed
+            // removal is logged and counted where it happens.
+            let _ = pod.host.remove_container(&task.id);
             return Err(err.into());
         }
         let spec_json = serde_json::to_vec(&spec).map_err(ShimError::SerializeSpec)?;
@@ -283,7 +286,7 @@ impl Sandbox {
         let pid = match created {
             Ok(pid) => pid,
             Err(err) => {
-                pod.host.remove_container(&task.id);
+                let _ = pod.host.remove_container(&task.id);
                 return Err(err);
             }
         };
@@ -366,7 +369,14 @@ impl Sandbox {
         process.check(Op::Delete)?;
         if exec_id.is_empty() {
             if let Ok(pod) = self.pod().await {
-                teardown_container(&pod, &container).await;
+                // Not deleted while its host dir holds mounts: containerd
+                // retries Delete, and the retry redoes the clean-up.
+                teardown_container(&pod, &container)
+                    .await
+                    .map_err(|source| ShimError::Teardown {
+                        id: id.to_owned(),
+                        source,
+                    })?;
             }
         }
         let mut deleted = None;
@@ -597,8 +607,9 @@ fn ensure_running(container: &Container) -> Result<(), ShimError> {
     Ok(())
 }
 
-/// Removes the container in the guest (bounded) and on the host.
-async fn teardown_container(pod: &LivePod, container: &Container) {
+/// Removes the container in the guest (bounded) and on the host; only the
+/// host part can fail it (the guest's answer is not trusted either way).
+async fn teardown_container(pod: &LivePod, container: &Container) -> Result<(), RootfsError> {
     let what = "agent RemoveContainer";
     let removed = tokio::time::timeout(
         AGENT_CLEANUP_TIMEOUT,
@@ -616,5 +627,5 @@ async fn teardown_container(pod: &LivePod, container: &Container) {
     for process in container.all_processes() {
         stdio::release_stdin_fifo(&process.stdio.stdin);
     }
-    pod.host.remove_container(&container.id);
+    pod.host.remove_container(&container.id)
 }

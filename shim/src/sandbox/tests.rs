@@ -136,6 +136,40 @@ async fn a_container_goes_created_running_stopped_deleted_with_its_events_in_ord
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_delete_whose_host_teardown_fails_keeps_the_container_for_a_retry() {
+    let Harness {
+        sandbox,
+        pod,
+        mut events,
+        ..
+    } = harness();
+    sandbox.create(task("c1")).await.unwrap();
+    sandbox.start("c1", "").await.unwrap();
+    pod.exit("c1", "", 0);
+    assert_eq!(exited(&sandbox, "c1", "").await, 0);
+    topics(&mut events);
+
+    pod.fail_remove();
+    let err = assert_code(sandbox.delete("c1", "").await, Code::INTERNAL);
+    assert!(
+        crate::pod::error_chain(&err).contains("mount(s) left"),
+        "{}",
+        crate::pod::error_chain(&err)
+    );
+    // Not deleted: still known, still stopped, no delete event yet.
+    assert_eq!(sandbox.state("c1", "").unwrap().status.name(), "stopped");
+    assert!(topics(&mut events).is_empty());
+    assert!(pod.removed_dirs().is_empty());
+
+    // containerd's retry redoes the clean-up and deletes.
+    let deleted = sandbox.delete("c1", "").await.unwrap();
+    assert_eq!(deleted.exit.map(|e| e.code), Some(0));
+    assert_eq!(pod.removed_dirs(), ["c1"]);
+    assert_eq!(topics(&mut events), ["/tasks/delete"]);
+    assert_code(sandbox.state("c1", ""), Code::NOT_FOUND);
+}
+
+#[tokio::test(start_paused = true)]
 async fn errors_carry_their_cause_in_the_code() {
     let Harness { sandbox, pod, .. } = harness();
     assert_code(sandbox.state("nope", ""), Code::NOT_FOUND);
