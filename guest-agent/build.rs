@@ -16,8 +16,18 @@ fn main() {
     // at the front of .text. Scattered over the binary it made ~45 distinct
     // 64 KiB fault-around windows resident at idle; packed it is a handful.
     // link/startup-order.sh regenerates the list.
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/link/startup-order.ld");
+    // Linked from a copy in OUT_DIR: this script's output is reused by a
+    // build of another checkout sharing the target dir (cargo's hashes do
+    // not depend on the checkout's path), where a path into this checkout
+    // would dangle once it is gone.
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("link/startup-order.ld");
+    let out_dir = std::env::var("OUT_DIR").expect("cargo sets OUT_DIR");
+    let script = std::path::Path::new(&out_dir).join("startup-order.ld");
+    std::fs::copy(&source, &script).expect("copy link/startup-order.ld into OUT_DIR");
     println!("cargo:rerun-if-changed=link/startup-order.ld");
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rustc-link-arg-bin=microvm-agent=-Wl,-T,{script}");
+    println!(
+        "cargo:rustc-link-arg-bin=microvm-agent=-Wl,-T,{}",
+        script.display()
+    );
 }

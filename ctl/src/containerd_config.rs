@@ -50,6 +50,8 @@ pub fn merge(text: &str, config_path: &str) -> Result<Option<String>, MergeError
     let mut annotations = Array::new();
     annotations.push("io.microvm.*");
     runtime.insert("pod_annotations", value(annotations));
+    // The guest's devices for a privileged container, never the host's.
+    runtime.insert("privileged_without_host_devices", value(true));
     let mut options = Table::new();
     options.insert("ConfigPath", value(config_path));
     runtime.insert("options", Item::Table(options));

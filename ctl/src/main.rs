@@ -9,6 +9,7 @@ mod logs;
 mod metrics;
 mod pods;
 mod ps;
+mod vmm_metrics;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;

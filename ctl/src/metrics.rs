@@ -92,6 +92,7 @@ pub async fn scrape(state_dir: &Path) -> String {
         Family { name: "microvm_guest_cpu_seconds_total", help: "Guest CPU time of all vCPUs (/proc/stat), by mode.", kind: "counter", samples: vec![] },
         Family { name: "microvm_guest_oom_kills_total", help: "Processes the guest kernel's OOM killer killed (/proc/vmstat oom_kill).", kind: "counter", samples: vec![] },
         Family { name: "microvm_guest_up", help: "Whether the pod's agent answered this scrape.", kind: "gauge", samples: vec![] },
+        Family { name: "microvm_vmm_metric", help: "The builtin VMM's own counters (its control API's metrics): KVM exits, serial and each virtio device's, by part and name.", kind: "untyped", samples: vec![] },
         Family { name: "microvm_pod_teardown_failures_total", help: "Container dirs the pod's shim could not remove (mounts or files left; Delete failed and can be retried).", kind: "counter", samples: vec![] },
     ];
     let mut push =
@@ -130,6 +131,28 @@ pub async fn scrape(state_dir: &Path) -> String {
         if state != "running" {
             continue;
         }
+        if let Some(socket) = record.vmm_api_socket.clone() {
+            let read =
+                tokio::task::spawn_blocking(move || crate::vmm_metrics::read(&socket, POD_TIMEOUT))
+                    .await;
+            match read {
+                Ok(Ok(counters)) => {
+                    for counter in counters {
+                        push(
+                            13,
+                            labels(&pod, &[("part", &counter.part), ("name", &counter.name)]),
+                            counter.value,
+                        );
+                    }
+                }
+                Ok(Err(err)) => eprintln!(
+                    "microvm-ctl metrics: pod {}: {}",
+                    record.pod_id,
+                    microvm_shim::pod::error_chain(&err)
+                ),
+                Err(_) => {}
+            }
+        }
         let socket = record.metrics_socket.clone();
         let shim =
             tokio::task::spawn_blocking(move || microvm_shim::metrics::read(&socket, POD_TIMEOUT))
@@ -151,7 +174,7 @@ pub async fn scrape(state_dir: &Path) -> String {
                 push(7, labels(&pod, &[("method", method)]), stats.seconds_sum);
                 push(8, labels(&pod, &[("method", method)]), stats.seconds_max);
             }
-            push(13, labels(&pod, &[]), shim.teardown_failures as f64);
+            push(14, labels(&pod, &[]), shim.teardown_failures as f64);
         }
         match guest_metrics(&record.agent_socket).await {
             Some(guest) => {

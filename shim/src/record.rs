@@ -8,7 +8,7 @@
 //! Meant as the one home of the pod's on-disk state: the older records
 //! (`pids/`, `cgroups`, `shim.pid`) can fold into it.
 
-use crate::config::Config;
+use crate::config::{BackendKind, Config};
 use crate::pod::Pod;
 use crate::vm::layout::PodLayout;
 use crate::vm::supervisor::process_start_time;
@@ -106,6 +106,9 @@ pub struct PodRecord {
     pub console_shell: PathBuf,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub teardown_error: Option<String>,
+    /// The builtin VMM's control API (its device counters); QEMU has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmm_api_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -177,6 +180,8 @@ impl PodRecord {
             console_enabled: config.console.enabled,
             console_shell: config.console.shell.clone(),
             teardown_error: None,
+            vmm_api_socket: (config.backend == BackendKind::Builtin)
+                .then(|| layout.vmm_api_socket()),
         }
     }
 

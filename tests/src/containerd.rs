@@ -502,7 +502,7 @@ pub struct ShimSetup {
 
 impl ShimSetup {
     /// A `qemu`/TCG pod setup; `extra_qemu_keys` are appended to the
-    /// config's `[qemu]` table.
+    /// config's `[qemu]` table (or are whole tables of their own).
     pub fn start(tag: &str, image: &str, extra_qemu_keys: &str) -> Self {
         Self::start_on(TestBackend::QemuTcg, tag, image, extra_qemu_keys)
     }
@@ -527,9 +527,12 @@ impl ShimSetup {
             .expect("write the shim config");
         if !extra_qemu_keys.is_empty() {
             let mut text = std::fs::read_to_string(&config).expect("read the shim config");
-            // write_qemu_shim_config writes [qemu] last.
-            let last_table = text.lines().rfind(|line| line.starts_with('['));
-            assert_eq!(last_table, Some("[qemu]"), "{text}");
+            // Bare keys go into [qemu], which write_qemu_shim_config writes
+            // last; whole tables go anywhere.
+            if !extra_qemu_keys.trim_start().starts_with('[') {
+                let last_table = text.lines().rfind(|line| line.starts_with('['));
+                assert_eq!(last_table, Some("[qemu]"), "{text}");
+            }
             text.push_str(extra_qemu_keys);
             std::fs::write(&config, text).expect("write the shim config");
         }

@@ -659,6 +659,7 @@ fn microvm_handler(handler: &str, shim_config: &Path) -> String {
         r#"[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{handler}]
   runtime_type = "io.containerd.microvm.v2"
   pod_annotations = ["io.microvm.*"]
+  privileged_without_host_devices = true
   [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{handler}.options]
     ConfigPath = "{shim_config}"
 "#,

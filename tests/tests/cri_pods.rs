@@ -900,7 +900,7 @@ fn pods_get_cgroups_of_their_own_with_either_driver(backend: TestBackend) {
 }
 
 /// A hostile guest: a privileged container (root in the guest, NET_ADMIN,
-/// NET_RAW) first gives the pod's interface another IP and pings the
+/// NET_RAW, the guest's devices) first gives the pod's interface another IP and pings the
 /// bridge from it, which the host's tap guard drops (from the pod's own IP
 /// the ping works); then it sets off a guest kernel panic (a memory cgroup
 /// OOM with `vm.panic_on_oom = 2`), which ends the VM: the pod's
@@ -930,6 +930,31 @@ fn a_hostile_guest_cannot_spoof_and_its_kernel_panic_exits_the_containers(backen
             .privileged = true;
     }
     let spoofer = fx.start_container(&pod, &pod_cfg, &spoofer);
+    // A privileged container sees the guest's devices (vsock, which the
+    // agent's own link needs, is one) and may open them; the unprivileged
+    // one sees only the defaults.
+    let list_dev = |container: &str| {
+        let out = client
+            .exec_sync(container, &["ls", "/dev"], 30)
+            .unwrap_or_else(|err| panic!("ExecSync ls /dev: {err}\n{}", fx.diagnostics()));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let (privileged_dev, plain_dev) = (list_dev(&spoofer), list_dev(&victim));
+    let has = |listing: &str, name: &str| listing.split_whitespace().any(|entry| entry == name);
+    assert!(
+        has(&privileged_dev, "vsock") && !has(&plain_dev, "vsock"),
+        "privileged /dev: {privileged_dev}\nunprivileged /dev: {plain_dev}"
+    );
+    assert!(
+        !has(&privileged_dev, "kvm"),
+        "the host's /dev/kvm is not the guest's: {privileged_dev}"
+    );
+    fx.exec(&spoofer, &["sh", "-c", "exec 3</dev/vsock"]);
+    eprintln!(
+        "/dev entries: privileged {}, unprivileged {}",
+        privileged_dev.split_whitespace().count(),
+        plain_dev.split_whitespace().count()
+    );
     let ping = |source: Option<&str>| {
         let mut cmd = vec!["ping", "-c", "2", "-W", "3"];
         if let Some(source) = source {

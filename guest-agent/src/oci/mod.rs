@@ -9,6 +9,7 @@
 //! mount namespace are not supported.
 
 pub mod mounts;
+pub mod privileged;
 pub mod process;
 pub mod seccomp;
 

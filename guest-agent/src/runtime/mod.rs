@@ -345,7 +345,15 @@ impl Runtime {
             id: id.to_owned(),
             source,
         };
-        let spec = oci::parse_spec(request.spec_json).map_err(spec_error)?;
+        let mut spec = oci::parse_spec(request.spec_json).map_err(spec_error)?;
+        if oci::privileged::is_privileged(&spec, self.last_capability).map_err(spec_error)? {
+            let guest = oci::privileged::guest_devices(Path::new(oci::privileged::GUEST_DEV));
+            let added = oci::privileged::add_devices(&mut spec, guest);
+            tracing::info!(
+                container = id,
+                "privileged: given the guest's devices {added:?}"
+            );
+        }
         let oci_process = spec
             .process()
             .as_ref()

@@ -62,6 +62,12 @@ impl PodLayout {
         self.socket_dir().join("vs.sock")
     }
 
+    /// The builtin VMM's control API (docs/vmm-api.md): `microvm-ctl
+    /// metrics` reads its device counters there.
+    pub fn vmm_api_socket(&self) -> PathBuf {
+        self.socket_dir().join("api.sock")
+    }
+
     /// vhost-user socket between QEMU and vhost-device-vsock.
     pub fn vhost_vsock_socket(&self) -> PathBuf {
         self.socket_dir().join("vu.sock")

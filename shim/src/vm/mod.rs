@@ -265,6 +265,8 @@ impl Backend for BuiltinBackend {
             os(spec.memory_mib.to_string()),
             os("--vsock-uds"),
             layout.agent_socket().into(),
+            os("--api-sock"),
+            layout.vmm_api_socket().into(),
         ]);
         // No --serial-output: the console goes to stdout, which the
         // supervisor points at the pod's log. A jailed VMM that dropped its

@@ -264,22 +264,35 @@ pub fn rng_queue(data: &[u8]) {
 
 const VSOCK_DIR_PREFIX: &str = "microvm-fuzz-";
 
+static VSOCK_DIR: OnceLock<Option<(PathBuf, UnixListener)>> = OnceLock::new();
+
 /// A directory for this process's vsock sockets, with a listener on host
 /// port 1024 that never accepts (guest connects land in its backlog).
-/// libFuzzer ends the process with exit(), so the directory outlives it:
-/// the next process removes those of processes that are gone.
+/// Statics are never dropped and libFuzzer ends the process with exit(),
+/// so an atexit handler removes the directory; one left by a process that
+/// was killed is removed by the next.
 fn vsock_dir() -> Option<&'static (PathBuf, UnixListener)> {
-    static DIR: OnceLock<Option<(PathBuf, UnixListener)>> = OnceLock::new();
-    DIR.get_or_init(|| {
-        remove_dirs_of_dead_processes();
-        let dir = std::env::temp_dir().join(format!("{VSOCK_DIR_PREFIX}{}", std::process::id()));
-        std::fs::create_dir_all(&dir).ok()?;
-        let port = dir.join("v.sock_1024");
-        let _ = std::fs::remove_file(&port);
-        let listener = UnixListener::bind(&port).ok()?;
-        Some((dir, listener))
-    })
-    .as_ref()
+    VSOCK_DIR
+        .get_or_init(|| {
+            remove_dirs_of_dead_processes();
+            let dir =
+                std::env::temp_dir().join(format!("{VSOCK_DIR_PREFIX}{}", std::process::id()));
+            std::fs::create_dir_all(&dir).ok()?;
+            // SAFETY: registers a plain extern "C" function with no
+            // arguments; it only reads a static that is set by then.
+            unsafe { libc::atexit(remove_vsock_dir) };
+            let port = dir.join("v.sock_1024");
+            let _ = std::fs::remove_file(&port);
+            let listener = UnixListener::bind(&port).ok()?;
+            Some((dir, listener))
+        })
+        .as_ref()
+}
+
+extern "C" fn remove_vsock_dir() {
+    if let Some(Some((dir, _))) = VSOCK_DIR.get() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 fn remove_dirs_of_dead_processes() {
