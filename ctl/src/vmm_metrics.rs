@@ -4,10 +4,10 @@
 //! bounded in size, time and samples, and only numbers are taken from it.
 
 use microvm_vmm::api::{Request, Response};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A metrics answer is a few KiB; anything past this is not read.
 const MAX_ANSWER_BYTES: u64 = 1 << 20;
@@ -47,8 +47,8 @@ pub fn read(socket: &Path, timeout: Duration) -> Result<Vec<Counter>, VmmMetrics
         path: path.clone(),
         source,
     };
+    let deadline = Instant::now() + timeout;
     let mut stream = UnixStream::connect(socket).map_err(io)?;
-    stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream.set_write_timeout(Some(timeout)).map_err(io)?;
     let mut request =
         serde_json::to_vec(&Request::Metrics {}).map_err(|source| VmmMetricsError::Json {
@@ -57,12 +57,9 @@ pub fn read(socket: &Path, timeout: Duration) -> Result<Vec<Counter>, VmmMetrics
         })?;
     request.push(b'\n');
     stream.write_all(&request).map_err(io)?;
-    let mut line = String::new();
-    BufReader::new(stream.take(MAX_ANSWER_BYTES))
-        .read_line(&mut line)
-        .map_err(io)?;
+    let line = read_line_by(&mut stream, deadline).map_err(io)?;
     let response: Response =
-        serde_json::from_str(&line).map_err(|source| VmmMetricsError::Json {
+        serde_json::from_slice(&line).map_err(|source| VmmMetricsError::Json {
             path: path.clone(),
             source,
         })?;
@@ -73,6 +70,39 @@ pub fn read(socket: &Path, timeout: Duration) -> Result<Vec<Counter>, VmmMetrics
         });
     }
     Ok(counters(&response.result.unwrap_or_default()))
+}
+
+/// One answer line, read by `deadline` as a whole (a per-read timeout
+/// alone lets a byte every few seconds hold the scrape forever), and at
+/// most [`MAX_ANSWER_BYTES`].
+fn read_line_by(stream: &mut UnixStream, deadline: Instant) -> std::io::Result<Vec<u8>> {
+    let mut line = Vec::new();
+    let mut buffer = [0u8; 8192];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no whole answer in time",
+            ));
+        }
+        stream.set_read_timeout(Some(left))?;
+        let read = stream.read(&mut buffer)?;
+        if read == 0 {
+            return Ok(line);
+        }
+        line.extend_from_slice(&buffer[..read]);
+        if let Some(end) = line.iter().position(|&byte| byte == b'\n') {
+            line.truncate(end);
+            return Ok(line);
+        }
+        if line.len() as u64 >= MAX_ANSWER_BYTES {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("answer longer than {MAX_ANSWER_BYTES} bytes"),
+            ));
+        }
+    }
 }
 
 /// The numeric counters of a metrics result: `exits.<reason>`,
@@ -122,6 +152,7 @@ fn leaves(part: &str, prefix: &str, value: &serde_json::Value, out: &mut Vec<Cou
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{BufRead, BufReader};
     use std::os::unix::net::UnixListener;
 
     #[test]
@@ -153,7 +184,7 @@ mod tests {
     }
 
     #[test]
-    fn a_vmm_that_floods_or_refuses_is_an_error_not_a_hang() {
+    fn a_vmm_that_floods_drips_or_refuses_is_an_error_not_a_hang() {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("api.sock");
         let listener = UnixListener::bind(&socket).unwrap();
@@ -168,12 +199,27 @@ mod tests {
             let (mut second, _) = listener.accept().unwrap();
             let chunk = vec![b'7'; 64 << 10];
             while second.write_all(&chunk).is_ok() {}
+            // A byte at a time, each within any per-read timeout.
+            let (mut third, _) = listener.accept().unwrap();
+            while third.write_all(b"{").is_ok() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
             request
         });
         let err = read(&socket, Duration::from_secs(5)).unwrap_err();
         assert!(err.to_string().contains("no VM"), "{err}");
         let err = read(&socket, Duration::from_secs(5)).unwrap_err();
-        assert!(matches!(err, VmmMetricsError::Json { .. }), "{err}");
+        assert!(
+            microvm_shim::pod::error_chain(&err).contains("longer than"),
+            "{err}"
+        );
+        let started = Instant::now();
+        let err = read(&socket, Duration::from_secs(1)).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(3), "{err}");
+        assert!(
+            microvm_shim::pod::error_chain(&err).contains("in time"),
+            "{err}"
+        );
         assert_eq!(server.join().unwrap(), "{\"action\":\"metrics\"}\n");
     }
 }

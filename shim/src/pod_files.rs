@@ -188,12 +188,14 @@ pub fn cleanup_after_dead_shim(bundle: &Path, container_id: &str) -> Result<(), 
             pod_dir.display()
         );
         crate::vm::cgroup::remove_recorded(&layout.cgroups_file());
-        if let Ok(log) = std::fs::read(pod_dir.join(LOG_PATH_FILE)) {
-            remove_logs(Path::new(&String::from_utf8_lossy(&log).into_owned()));
-        }
+        let log = std::fs::read(pod_dir.join(LOG_PATH_FILE)).ok();
         if let Err(err) = rootfs::remove_mounted_tree(&pod_dir) {
+            // The console log stays with the state for whoever looks.
             crate::record::teardown_failed(&pod_dir, &crate::pod::error_chain(&err));
             return Err(err);
+        }
+        if let Some(log) = log {
+            remove_logs(Path::new(&String::from_utf8_lossy(&log).into_owned()));
         }
     }
     let _ = std::fs::remove_file(bundle.join(POD_DIR_FILE));
