@@ -1,12 +1,43 @@
 //! microvm-ctl on this node, without pods: `check` tells PVM from real KVM
-//! and reports a missing piece as a fail with its fix; `install --root`
+//! (PVM here on the host, real KVM in the KVM harness's L1) and reports a
+//! missing piece as a fail with its fix; `install --root`
 //! then `uninstall` leaves the tree as it was and keeps containerd's other
 //! runtimes; the shim answers `-v` and `--help`.
 
 use microvm_tests::harness::{binary, TempDir};
+use microvm_tests::kvm::Suite;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
+
+fn main() {
+    let mut suite = Suite::new("ctl_node", Duration::from_secs(600));
+    let host = |name: &str, test: fn()| {
+        libtest_mimic::Trial::test(format!("host::{name}"), move || {
+            test();
+            Ok(())
+        })
+    };
+    suite.host(host(CHECK, || {
+        check_reports_kvm_and_a_missing_piece_with_its_fix(false)
+    }));
+    suite.host(host(
+        "install_into_a_root_then_uninstall_leaves_the_tree_as_it_was",
+        install_into_a_root_then_uninstall_leaves_the_tree_as_it_was,
+    ));
+    suite.host(host(
+        "the_shim_and_ctl_print_versions_and_help",
+        the_shim_and_ctl_print_versions_and_help,
+    ));
+    suite.kvm(format!("kvm::{CHECK}"), || {
+        check_reports_kvm_and_a_missing_piece_with_its_fix(true);
+        Ok(())
+    });
+    suite.run()
+}
+
+const CHECK: &str = "check_reports_this_hosts_kvm_and_a_missing_piece_with_its_fix";
 
 fn ctl(args: &[&str]) -> Output {
     Command::new(binary("microvm-ctl"))
@@ -35,10 +66,16 @@ fn kvm_finding(findings: &[serde_json::Value]) -> &serde_json::Value {
         .expect("a kvm finding")
 }
 
-#[test]
-fn check_reports_this_hosts_kvm_and_a_missing_piece_with_its_fix() {
+/// `in_l1`: run in the KVM harness, where /dev/kvm must be real KVM.
+fn check_reports_kvm_and_a_missing_piece_with_its_fix(in_l1: bool) {
     let work = TempDir::new("ctl-check");
     let pvm = Path::new("/sys/module/kvm_pvm").exists();
+    if in_l1 {
+        assert!(
+            !pvm && Path::new("/dev/kvm").exists(),
+            "the KVM harness gave no real /dev/kvm"
+        );
+    }
     let builtin = work.join("builtin.toml");
     std::fs::write(&builtin, "backend = \"builtin\"\n").unwrap();
     let output = ctl(&["--config", builtin.to_str().unwrap(), "check", "--json"]);
@@ -142,7 +179,6 @@ version = 2
     runtime_type = "io.containerd.runc.v2"
 "#;
 
-#[test]
 fn install_into_a_root_then_uninstall_leaves_the_tree_as_it_was() {
     let work = TempDir::new("ctl-install");
     let root = work.join("root");
@@ -237,7 +273,6 @@ fn install_into_a_root_then_uninstall_leaves_the_tree_as_it_was() {
     assert_eq!(snapshot(&root), before);
 }
 
-#[test]
 fn the_shim_and_ctl_print_versions_and_help() {
     let shim = Command::new(binary("containerd-shim-microvm-v2"))
         .arg("-v")
