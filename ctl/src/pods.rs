@@ -120,7 +120,7 @@ fn own_pss_bytes(pid: u32) -> Option<u64> {
 const MAX_DESCENDANTS: usize = 64;
 
 /// The processes below `pid` (/proc/<pid>/task/<tid>/children).
-pub fn descendants(pid: u32) -> Vec<u32> {
+fn descendants(pid: u32) -> Vec<u32> {
     let mut found = Vec::new();
     let mut next = vec![pid];
     while let Some(parent) = next.pop() {

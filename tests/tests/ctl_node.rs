@@ -312,7 +312,11 @@ fn the_shim_and_ctl_print_versions_and_help() {
         assert!(output.status.success(), "{subcommand}: {}", text(&output));
         assert!(text(&output).contains("Usage: microvm-ctl"), "{subcommand}");
     }
-    for (name, flag) in [("microvm-vmm", "--version"), ("microvm-ctl", "--version")] {
+    for (name, flag) in [
+        ("microvm-vmm", "--version"),
+        ("microvm-ctl", "--version"),
+        ("microvm-agent", "--version"),
+    ] {
         let output = Command::new(binary(name)).arg(flag).output().unwrap();
         assert!(output.status.success(), "{name}: {}", text(&output));
         assert!(text(&output).contains("0.1"), "{name}: {}", text(&output));
