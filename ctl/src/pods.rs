@@ -104,7 +104,7 @@ pub fn pss_bytes(pid: u32, start_time: Option<u64>) -> Option<u64> {
     }
     let own = own_pss_bytes(pid)?;
     Some(
-        own + descendants(pid)
+        own + microvm_shim::vm::supervisor::descendants(pid)
             .into_iter()
             .filter_map(own_pss_bytes)
             .sum::<u64>(),
@@ -114,35 +114,6 @@ pub fn pss_bytes(pid: u32, start_time: Option<u64>) -> Option<u64> {
 fn own_pss_bytes(pid: u32) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
     parse_pss_kib(&text).map(|kib| kib * 1024)
-}
-
-/// A VM's host process has a child or two; the bound only stops a loop.
-const MAX_DESCENDANTS: usize = 64;
-
-/// The processes below `pid` (/proc/<pid>/task/<tid>/children).
-fn descendants(pid: u32) -> Vec<u32> {
-    let mut found = Vec::new();
-    let mut next = vec![pid];
-    while let Some(parent) = next.pop() {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{parent}/task")) else {
-            continue;
-        };
-        for task in tasks.flatten() {
-            let children =
-                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-            for child in children
-                .split_whitespace()
-                .filter_map(|c| c.parse::<u32>().ok())
-            {
-                if found.len() >= MAX_DESCENDANTS || found.contains(&child) {
-                    return found;
-                }
-                found.push(child);
-                next.push(child);
-            }
-        }
-    }
-    found
 }
 
 pub fn parse_pss_kib(smaps_rollup: &str) -> Option<u64> {
@@ -195,10 +166,12 @@ mod tests {
             .unwrap();
         let pid = child.id();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while descendants(pid).is_empty() && std::time::Instant::now() < deadline {
+        while microvm_shim::vm::supervisor::descendants(pid).is_empty()
+            && std::time::Instant::now() < deadline
+        {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        let below = descendants(pid);
+        let below = microvm_shim::vm::supervisor::descendants(pid);
         assert_eq!(below.len(), 1, "sh's sleep: {below:?}");
         let start = microvm_shim::vm::supervisor::process_start_time(pid);
         let tree = pss_bytes(pid, start).unwrap();

@@ -78,16 +78,25 @@ pub fn read(socket: &Path, timeout: Duration) -> Result<Vec<Counter>, VmmMetrics
 fn read_line_by(stream: &mut UnixStream, deadline: Instant) -> std::io::Result<Vec<u8>> {
     let mut line = Vec::new();
     let mut buffer = [0u8; 8192];
+    let late = || std::io::Error::new(std::io::ErrorKind::TimedOut, "no whole answer in time");
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "no whole answer in time",
-            ));
+            return Err(late());
         }
         stream.set_read_timeout(Some(left))?;
-        let read = stream.read(&mut buffer)?;
+        // A read cut by the timeout (EAGAIN) is the deadline passing too.
+        let read = match stream.read(&mut buffer) {
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(late())
+            }
+            other => other?,
+        };
         if read == 0 {
             return Ok(line);
         }

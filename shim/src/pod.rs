@@ -177,7 +177,8 @@ impl Pod {
         let started = Instant::now();
         crate::pod_files::record_shim(&layout);
         if let Err(err) = rootfs::prepare_shared_dir(&layout) {
-            remove_failed_boot(&layout);
+            // The boot error is the one to report.
+            let _ = crate::pod_files::remove_pod_dir(&layout.dir);
             return Err(BootError::Shared(err));
         }
         let cgroup = match PodCgroups::create(
@@ -190,7 +191,8 @@ impl Pod {
                 Some(cgroup)
             }
             Err(err) => {
-                remove_failed_boot(&layout);
+                // The boot error is the one to report.
+                let _ = crate::pod_files::remove_pod_dir(&layout.dir);
                 return Err(BootError::Cgroup(err));
             }
         };
@@ -209,7 +211,8 @@ impl Pod {
                 match attached.await {
                     Ok(network) => Some(network),
                     Err(err) => {
-                        remove_failed_boot(&layout);
+                        // The boot error is the one to report.
+                        let _ = crate::pod_files::remove_pod_dir(&layout.dir);
                         remove_cgroup(cgroup.as_ref()).await;
                         return Err(err);
                     }
@@ -271,7 +274,8 @@ impl Pod {
                 Ok(pod)
             }
             Err(err) => {
-                remove_failed_boot(&layout);
+                // The boot error is the one to report.
+                let _ = crate::pod_files::remove_pod_dir(&layout.dir);
                 detach_network(network.as_ref()).await;
                 remove_cgroup(cgroup.as_ref()).await;
                 Err(err)
@@ -434,9 +438,8 @@ impl Pod {
         self.stop_processes().await;
         detach_network(self.network.as_ref()).await;
         remove_cgroup(self.cgroup.as_ref()).await;
-        if let Err(err) = rootfs::remove_mounted_tree(&self.layout.dir) {
+        if crate::pod_files::remove_pod_dir(&self.layout.dir).is_err() {
             // Kept, with the console log, for whoever looks into it.
-            crate::record::teardown_failed(&self.layout.dir, &error_chain(&err));
             tracing::error!(
                 "pod {}: VM stopped, but its state {} is left (see `microvm-ctl ps`)",
                 self.id,
@@ -446,15 +449,6 @@ impl Pod {
         }
         crate::pod_files::remove_logs(&self.layout.log_file);
         tracing::info!("pod {}: VM stopped and state removed", self.id);
-    }
-}
-
-/// A failed boot's state: the boot error is the one to report; a removal
-/// that fails too is logged and counted in `remove_mounted_tree`, and
-/// marked in the pod's record if it has one.
-fn remove_failed_boot(layout: &PodLayout) {
-    if let Err(err) = rootfs::remove_mounted_tree(&layout.dir) {
-        crate::record::teardown_failed(&layout.dir, &error_chain(&err));
     }
 }
 

@@ -153,9 +153,8 @@ pub fn stop_own_pod(bundle: &Path, namespace: &str, container_id: &str) -> Vec<P
         };
         let killed = kill_recorded(&layout.pid_dir());
         tracing::info!("killed {killed:?}, removing {}", dir.display());
-        match rootfs::remove_mounted_tree(&dir) {
-            Ok(()) => removed.push(dir),
-            Err(err) => crate::record::teardown_failed(&dir, &crate::pod::error_chain(&err)),
+        if remove_pod_dir(&dir).is_ok() {
+            removed.push(dir);
         }
     }
     removed
@@ -189,17 +188,21 @@ pub fn cleanup_after_dead_shim(bundle: &Path, container_id: &str) -> Result<(), 
         );
         crate::vm::cgroup::remove_recorded(&layout.cgroups_file());
         let log = std::fs::read(pod_dir.join(LOG_PATH_FILE)).ok();
-        if let Err(err) = rootfs::remove_mounted_tree(&pod_dir) {
-            // The console log stays with the state for whoever looks.
-            crate::record::teardown_failed(&pod_dir, &crate::pod::error_chain(&err));
-            return Err(err);
-        }
+        // On failure the console log stays with the state for whoever looks.
+        remove_pod_dir(&pod_dir)?;
         if let Some(log) = log {
             remove_logs(Path::new(&String::from_utf8_lossy(&log).into_owned()));
         }
     }
     let _ = std::fs::remove_file(bundle.join(POD_DIR_FILE));
     Ok(())
+}
+
+/// Removes a pod's state dir; if mounts or files are left, marks its
+/// record `teardown-failed` with the reason (logged and counted already).
+pub fn remove_pod_dir(dir: &Path) -> Result<(), RootfsError> {
+    rootfs::remove_mounted_tree(dir)
+        .inspect_err(|err| crate::record::teardown_failed(dir, &crate::pod::error_chain(err)))
 }
 
 /// The pod's console log and its rotated file go with the pod.

@@ -82,19 +82,11 @@ fn remove(setup: &ShimSetup, id: &str) {
 /// PSS of `pid` and the processes below it, as microvm-ctl counts a host
 /// process (the jailed VMM is its supervisor's child).
 fn tree_pss_kib(pid: u32) -> u64 {
-    let children: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .flat_map(|task| {
-            std::fs::read_to_string(task.path().join("children"))
-                .unwrap_or_default()
-                .split_whitespace()
-                .filter_map(|child| child.parse().ok())
-                .collect::<Vec<u32>>()
-        })
-        .collect();
-    pss_kib(pid) + children.into_iter().map(tree_pss_kib).sum::<u64>()
+    pss_kib(pid)
+        + microvm_shim::vm::supervisor::descendants(pid)
+            .into_iter()
+            .map(pss_kib)
+            .sum::<u64>()
 }
 
 fn pss_kib(pid: u32) -> u64 {

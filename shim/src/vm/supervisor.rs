@@ -470,6 +470,35 @@ fn state_and_start_time(pid: u32) -> Option<(String, u64)> {
     Some((state, start_time))
 }
 
+/// A VM's host process has a child or two; the bound only stops a loop.
+const MAX_DESCENDANTS: usize = 64;
+
+/// The processes below `pid` (/proc/<pid>/task/<tid>/children).
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    let mut next = vec![pid];
+    while let Some(parent) = next.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{parent}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            for child in children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok())
+            {
+                if found.len() >= MAX_DESCENDANTS || found.contains(&child) {
+                    return found;
+                }
+                found.push(child);
+                next.push(child);
+            }
+        }
+    }
+    found
+}
+
 /// Field 22 (starttime) of /proc/<pid>/stat.
 pub fn process_start_time(pid: u32) -> Option<u64> {
     state_and_start_time(pid).map(|(_, start_time)| start_time)
